@@ -1,0 +1,125 @@
+"""Small shared helpers: atomic file writes, logging, seeding, devices, repository root."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_path",
+    "atomic_dir",
+    "write_json",
+    "read_json",
+    "setup_logging",
+    "seed_everything",
+    "resolve_device",
+    "repo_root",
+    "progress_enabled",
+]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    A crash or exception inside the block leaves no file at ``path`` that a later
+    stage could mistake for valid output (the temp file is removed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a directory: build it aside, then swap it in whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically, pretty-printed with a trailing newline."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines with a timestamp to stderr (what the stage scripts call first)."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def progress_enabled() -> bool:
+    """tqdm bars only on a terminal: logs and CI get the per-epoch summary lines instead."""
+    return sys.stderr.isatty() and os.environ.get("RESNET_NO_PROGRESS", "") == ""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available; asking for 'cuda' without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is available; set it to 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def repo_root() -> Path:
+    """The repository root: DVC_ROOT when DVC runs the stage, else the nearest parent with .dvc or .git.
+
+    ``dvc exp run --temp`` and queued runs execute in a temporary copy; DVC sets
+    DVC_ROOT to that copy, so anything resolved from here (the MLflow store) must be
+    handled with care by the caller.
+    """
+    env = os.environ.get("DVC_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / ".dvc").is_dir() or (p / ".git").exists():
+            return p
+    return here
