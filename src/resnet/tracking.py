@@ -193,8 +193,9 @@ def _log_dataset(meta: dict[str, Any]) -> None:
         source = resolve_dataset_source(Path(source_uri).resolve().as_uri())
     digest = str(meta.get("source_sha256", ""))[:16] or None
     name = Path(source_uri.rstrip("/")).name or "dataset"
-    for context in ("training", "validation", "test"):
-        mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
+    # One input: MLflow keeps a dataset once per run, whatever the context, and the
+    # train/val/test splits all come from this one source.
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context="training")
 
 
 @contextlib.contextmanager
@@ -270,57 +271,62 @@ def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
 # --------------------------------------------------------------------------- the model
 
 
-class ResNetClassifier(mlflow.pyfunc.PythonModel):
-    """Raw images in, class probabilities and labels out.
+# Subclassing PythonModel warns that predict lacks type hints; the logged signature
+# describes the input instead (see predict).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    Input: uint8 array (N, H, W, C), as images are decoded (PIL, OpenCV, imageio).
-    Images of another size are resized to the training size. Output: a DataFrame with
-    ``label`` (class name), ``class_index``, ``confidence`` and one ``prob_<class>``
-    column per class.
-    """
+    class ResNetClassifier(mlflow.pyfunc.PythonModel):
+        """Raw images in, class probabilities and labels out.
 
-    batch_size = 256
+        Input: uint8 array (N, H, W, C), as images are decoded (PIL, OpenCV, imageio).
+        Images of another size are resized to the training size. Output: a DataFrame with
+        ``label`` (class name), ``class_index``, ``confidence`` and one ``prob_<class>``
+        column per class.
+        """
 
-    def load_context(self, context: Any) -> None:
-        ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
-        self.model = model_from_checkpoint(ckpt).eval()
-        self.classes = list(ckpt["classes"])
-        self.image_size = tuple(ckpt.get("image_size") or ())
-        self.channels = ckpt["arch"]["in_channels"]
-        self.mean = torch.tensor(ckpt["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(ckpt["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        batch_size = 256
 
-    def _preprocess(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.ascontiguousarray(images))
-        if x.ndim == 3:  # (N, H, W) grayscale
-            x = x.unsqueeze(-1)
-        if x.ndim != 4 or x.shape[-1] != self.channels:
-            raise ValueError(f"expected uint8 images (N, H, W, {self.channels}), got shape {tuple(x.shape)}")
-        x = x.permute(0, 3, 1, 2).float() / 255.0
-        if self.image_size and tuple(x.shape[-2:]) != self.image_size:
-            x = torch.nn.functional.interpolate(x, size=self.image_size, mode="bilinear", antialias=True,
-                                                align_corners=False)
-        return (x - self.mean) / self.std
+        def load_context(self, context: Any) -> None:
+            ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
+            self.model = model_from_checkpoint(ckpt).eval()
+            self.classes = list(ckpt["classes"])
+            self.image_size = tuple(ckpt.get("image_size") or ())
+            self.channels = ckpt["arch"]["in_channels"]
+            self.mean = torch.tensor(ckpt["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+            self.std = torch.tensor(ckpt["std"], dtype=torch.float32).view(1, -1, 1, 1)
 
-    # model_input has no annotation on purpose: MLflow would try to derive a schema from it,
-    # and the explicit signature logged with the model already describes the input.
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:  # type: ignore[override]
-        images = np.asarray(model_input)
-        probs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                x = self._preprocess(images[start : start + self.batch_size])
-                probs.append(torch.softmax(self.model(x), dim=1))
-        p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
-        idx = p.argmax(axis=1)
-        out = pd.DataFrame({
-            "label": [self.classes[i] for i in idx],
-            "class_index": idx.astype(np.int64),
-            "confidence": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
-        })
-        for i, c in enumerate(self.classes):
-            out[f"prob_{c}"] = p[:, i].astype(np.float64)
-        return out
+        def _preprocess(self, images: np.ndarray) -> torch.Tensor:
+            x = torch.as_tensor(np.ascontiguousarray(images))
+            if x.ndim == 3:  # (N, H, W) grayscale
+                x = x.unsqueeze(-1)
+            if x.ndim != 4 or x.shape[-1] != self.channels:
+                raise ValueError(f"expected uint8 images (N, H, W, {self.channels}), got shape {tuple(x.shape)}")
+            x = x.permute(0, 3, 1, 2).float() / 255.0
+            if self.image_size and tuple(x.shape[-2:]) != self.image_size:
+                x = torch.nn.functional.interpolate(x, size=self.image_size, mode="bilinear", antialias=True,
+                                                    align_corners=False)
+            return (x - self.mean) / self.std
+
+        # model_input has no annotation on purpose: MLflow would try to derive a schema from it,
+        # and the explicit signature logged with the model already describes the input.
+        def predict(self, context, model_input, params=None) -> pd.DataFrame:  # type: ignore[override]
+            images = np.asarray(model_input)
+            probs = []
+            with torch.inference_mode():
+                for start in range(0, len(images), self.batch_size):
+                    x = self._preprocess(images[start : start + self.batch_size])
+                    probs.append(torch.softmax(self.model(x), dim=1))
+            p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
+            idx = p.argmax(axis=1)
+            out = pd.DataFrame({
+                "label": [self.classes[i] for i in idx],
+                "class_index": idx.astype(np.int64),
+                "confidence": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
+            })
+            for i, c in enumerate(self.classes):
+                out[f"prob_{c}"] = p[:, i].astype(np.float64)
+            return out
 
 
 def _signature(ckpt: dict[str, Any], example: np.ndarray) -> ModelSignature:
@@ -432,3 +438,20 @@ def register_model(run: PipelineRun, model_uri: str, name: str, metric: str,
         "model_uri": model_uri,
         "run_id": run.run_id,
     }
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def load_pyfunc(model_uri: str, params: TrackingParams | None = None) -> tuple[Any, tuple[int, ...]]:
+    """Load a logged model (``models:/name@champion``, ``runs:/...``, a path) and its input shape."""
+    uri = resolve_tracking_uri(params or TrackingParams())
+    mlflow.set_tracking_uri(uri)
+    if not os.environ.get("MLFLOW_REGISTRY_URI"):
+        mlflow.set_registry_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as e:
+        raise FileNotFoundError(f"cannot load {model_uri} from {uri}: {str(e).splitlines()[0]}") from e
+    spec = model.metadata.get_input_schema().inputs[0]
+    return model, tuple(spec.shape)

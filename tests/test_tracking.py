@@ -1,0 +1,174 @@
+"""MLflow tracking against a real SQLite store on disk: runs, the pyfunc model, the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from resnet import tracking
+from resnet.checkpoint import save_checkpoint
+from resnet.config import Params, to_flat_dict
+from resnet.models import build_model
+
+CLASSES = ["cat", "dog", "ship"]
+META = {"source": "archive.tar.gz", "source_sha256": "ab" * 32}
+
+
+@pytest.fixture()
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git repository as the working directory, with no tracking URI inherited."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    subprocess.run(["git", "init", "-q"], check=True)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)  # set_tracking_uri also exported the variable; undo for later tests
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def _checkpoint(path: Path, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("resnet20", len(CLASSES), width_multiplier=0.25).eval()
+    save_checkpoint(path, {
+        "arch": {"name": "resnet20", "num_classes": len(CLASSES), "in_channels": 3,
+                 "options": {"width_multiplier": 0.25}},
+        "model": model.state_dict(), "classes": CLASSES, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+        "image_size": [16, 16], "epoch": 1,
+    })
+    return model
+
+
+def _images(n: int = 6, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_store_resolves_to_the_real_repo_from_dvc_temp_copies(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    temp_copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(temp_copy))
+    assert tracking.store_root() == repo.resolve()
+    assert tracking.resolve_tracking_uri(Params().tracking) == f"sqlite:///{repo.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(Params().tracking) == "http://127.0.0.1:5000"
+
+
+def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
+    params = Params()
+    with tracking.start_run(params, META, "cpu", "models/run.json") as run:
+        for epoch in (1, 2, 3):
+            run.log_epoch(epoch, {"epoch": epoch, "train_loss": 1.0 / epoch, "val_accuracy": 0.3 * epoch})
+    saved = json.loads(Path("models/run.json").read_text())
+    assert saved["run_id"] == run.run_id and saved["tracking_uri"].endswith(f"{repo.resolve()}/mlflow.db")
+
+    with tracking.continue_run(params, "models/run.json") as cont:
+        cont.log_metrics({"test_accuracy": 0.5, "note": "ignored"})
+    assert cont.run_id == run.run_id
+
+    client = MlflowClient(saved["tracking_uri"])
+    data = client.get_run(run.run_id)
+    assert data.info.run_name == "brisk-lark" and data.info.status == "FINISHED"
+    assert data.data.params["train.lr"] == str(params.train.lr)
+    assert set(data.data.params) == set(to_flat_dict(params))
+    assert data.data.tags["dvc.experiment"] == "brisk-lark"
+    assert data.data.tags["dataset.sha256"] == META["source_sha256"]
+    assert data.data.tags["device"].startswith("cpu")
+    assert data.data.metrics["test_accuracy"] == 0.5
+    history = client.get_metric_history(run.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    (dataset_input,) = data.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "archive.tar.gz" and dataset_input.dataset.digest == META["source_sha256"][:16]
+    # Artifacts sit beside the embedded store, not wherever the stage ran.
+    assert mlflow.get_experiment(data.info.experiment_id).artifact_location == (repo.resolve() / "mlartifacts").as_uri()
+
+
+def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
+    params = Params()
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run(params, META, "cpu", "models/run.json") as run:
+            run.log_epoch(1, {"train_loss": 2.0})
+            raise KeyboardInterrupt
+    assert mlflow.get_run(run.run_id).info.status == "KILLED"
+    with tracking.start_run(params, META, "cpu", "models/run.json", resume_run_id=run.run_id) as again:
+        again.log_epoch(2, {"train_loss": 1.0})
+    assert again.run_id == run.run_id
+    assert mlflow.get_run(run.run_id).info.status == "FINISHED"
+    assert len(MlflowClient().get_metric_history(run.run_id, "train_loss")) == 2
+
+
+def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="dvc repro train"):
+        with tracking.continue_run(Params(), "models/run.json"):
+            pass
+
+
+def test_registry_champion_moves_only_when_better(repo: Path) -> None:
+    params = Params()
+    _checkpoint(Path("models/best.pt"))
+    with tracking.start_run(params, META, "cpu", "models/run.json"):
+        pass
+    results = []
+    with tracking.continue_run(params, "models/run.json") as run:
+        uri = tracking.log_model(run, "models/best.pt", _images())
+        for acc in (0.50, 0.40, 0.50, 0.60):
+            results.append(tracking.register_model(run, uri, "tiny", "test_accuracy", {"test_accuracy": acc}))
+    assert [r["alias"] for r in results] == ["champion", "challenger", "challenger", "champion"]
+    assert [r["version"] for r in results] == [1, 2, 3, 4]
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias("tiny", "champion").version) == 4
+    assert int(client.get_model_version_by_alias("tiny", "challenger").version) == 3
+    assert client.get_model_version("tiny", "4").tags["test_accuracy"] == "0.6"
+
+
+def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Path) -> None:
+    params = Params()
+    model = _checkpoint(Path("models/best.pt"))
+    images = _images(8)
+    with tracking.start_run(params, META, "cpu", "models/run.json"):
+        pass
+    with tracking.continue_run(params, "models/run.json") as run:
+        uri = tracking.log_model(run, "models/best.pt", images)
+        tracking.register_model(run, uri, "tiny", "test_accuracy", {"test_accuracy": 0.5})
+
+    np.save("images.npy", images)
+    script = (
+        "import mlflow, numpy as np, json\n"
+        f"mlflow.set_tracking_uri('sqlite:///{repo.resolve()}/mlflow.db')\n"
+        "m = mlflow.pyfunc.load_model('models:/tiny@champion')\n"
+        "out = m.predict(np.load('images.npy'))\n"
+        "print(json.dumps({'labels': list(out['label']), 'probs': out.filter(like='prob_').values.tolist()}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = torch.softmax(model(x), 1).numpy()
+    np.testing.assert_allclose(np.array(got["probs"]), expected, rtol=1e-4, atol=1e-5)
+    assert got["labels"] == [CLASSES[i] for i in expected.argmax(1)]
+
+    # The inference command prints the top classes of each image file.
+    Image.fromarray(images[0]).save("a.png")
+    Image.fromarray(np.zeros((40, 24), dtype=np.uint8)).save("gray-and-larger.png")
+    proc = subprocess.run([sys.executable, "-m", "resnet.predict", "--model", "models:/tiny@champion", "--top-k", "2",
+                           "a.png", "gray-and-larger.png"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("a.png: " + CLASSES[int(expected[0].argmax())])
+    assert lines[1].startswith("gray-and-larger.png: ") and lines[1].count(",") == 1
+
+    proc = subprocess.run([sys.executable, "-m", "resnet.predict", "--model", "models:/nope@champion", "a.png"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "nope" in proc.stderr
