@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import matplotlib.image as mpimg
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,7 +27,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from resnet import tracking
 from resnet.checkpoint import save_checkpoint
+from resnet.config import Params
 from resnet.evaluation import (
     EvalResult,
     EvaluationError,
@@ -347,7 +351,20 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (prepared / "meta.json").write_text(json.dumps(meta))
     save_checkpoint(tmp_path / "models" / "best.pt", _checkpoint_state(CLASSES, seed=0, epoch=3))
     save_checkpoint(tmp_path / "models" / "last.pt", _checkpoint_state(CLASSES, seed=1, epoch=5))
-    return tmp_path
+    # The MLflow run the train stage would have created, in a SQLite store in tmp_path.
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    subprocess.run(["git", "init", "-q"], check=True)
+    with tracking.start_run(Params(), meta, "cpu", "models/run.json"):
+        pass
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exported it
+
+
+def _run_data() -> mlflow.entities.RunData:
+    run_id = json.loads(Path("models/run.json").read_text())["run_id"]
+    return mlflow.get_run(run_id).data
 
 
 def _stage(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -395,12 +412,17 @@ def test_validate_stage(workspace: Path, monkeypatch: pytest.MonkeyPatch, choice
         assert path.is_file(), f"dvc.yaml declares {path} but the stage did not write it"
     metrics = json.loads(Path("metrics/val.json").read_text())
     assert list(metrics) == [f"val_{k}" for k in SCALARS] + [
-        "checkpoint", "epoch", "num_images", "num_classes", "topk", "val_per_class"]
+        "checkpoint", "epoch", "num_images", "num_classes", "topk"]
     assert metrics["checkpoint"] == f"models/{choice}.pt"
     assert metrics["epoch"] == epoch
     assert metrics["num_images"] == N_VAL
-    assert list(metrics["val_per_class"]) == CLASSES
-    assert sum(c["support"] for c in metrics["val_per_class"].values()) == N_VAL
+    per_class = pd.read_csv("plots/val/per_class.csv")
+    assert list(per_class["class"]) == CLASSES and per_class["support"].sum() == N_VAL
+
+    # Logged to the pipeline's MLflow run, at the checkpoint's epoch.
+    run_id = json.loads(Path("models/run.json").read_text())["run_id"]
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(epoch, pytest.approx(metrics["val_accuracy"]))]
 
     frame = _check_confusion_csv(Path("plots/val/confusion.csv"), "val")
     # The metrics file and the plot data must tell the same story.
@@ -421,7 +443,6 @@ def test_evaluate_stage_writes_every_declared_output(workspace: Path, monkeypatc
     assert 0.0 <= metrics["test_accuracy"] <= metrics["test_top5_accuracy"] <= 1.0
     assert metrics["test_loss"] > 0
     assert metrics["num_images"] == N_TEST and metrics["epoch"] == 3
-    assert list(metrics["test_per_class"]) == CLASSES
 
     frame = _check_confusion_csv(Path("plots/test/confusion.csv"), "test")
     assert metrics["test_accuracy"] == pytest.approx((frame["actual"] == frame["predicted"]).mean())
@@ -431,11 +452,16 @@ def test_evaluate_stage_writes_every_declared_output(workspace: Path, monkeypatc
     assert list(per_class["class"]) == CLASSES
     assert per_class["support"].sum() == N_TEST
     np.testing.assert_allclose(per_class["accuracy"], per_class["recall"])
-    np.testing.assert_allclose(per_class["f1"], [metrics["test_per_class"][c]["f1"] for c in CLASSES])
     assert metrics["test_macro_f1"] == pytest.approx(per_class["f1"].mean())
 
     _assert_png(Path("plots/test/confusion.png"))
     _assert_png(Path("plots/test/misclassified.png"))
+
+    run = _run_data()
+    assert run.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    run_id = json.loads(Path("models/run.json").read_text())["run_id"]
+    logged = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "test")}
+    assert logged == {f"test/{p.name}" for p in declared}
 
 
 def test_val_and_test_metrics_have_the_same_names(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:

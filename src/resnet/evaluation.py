@@ -43,6 +43,8 @@ __all__ = [
     "EvalResult",
     "evaluate",
     "load_model_for_data",
+    "SplitEvaluation",
+    "evaluate_checkpoint",
     "write_confusion_csv",
     "write_per_class_csv",
     "plot_confusion_matrix",
@@ -200,11 +202,6 @@ class EvalResult:
             }
             for i, name in enumerate(classes)
         }
-
-    def metrics_dict(self, prefix: str, classes: Sequence[str], **info: Any) -> dict[str, Any]:
-        """The metrics file's content: prefixed scalars, then ``info`` as given, then the
-        per-class numbers nested under ``<prefix>_per_class``."""
-        return {**self.flat_metrics(prefix), **info, _key(prefix, "per_class"): self.per_class(classes)}
 
     def per_class_frame(self, classes: Sequence[str]) -> pd.DataFrame:
         """One row per class, by class index: class, precision, recall, f1, support, accuracy.
@@ -369,6 +366,59 @@ def load_model_for_data(
             "it was written by an incompatible version; rerun training (dvc repro train)"
         ) from e
     return model, ckpt
+
+
+@dataclass
+class SplitEvaluation:
+    """A checkpoint evaluated on one prepared split: what the validate and evaluate stages write."""
+
+    result: EvalResult
+    checkpoint: Path
+    epoch: int | None
+    classes: list[str]
+    images: np.ndarray  # the split's uint8 images, for the misclassified grid
+
+    def metrics(self, prefix: str) -> dict[str, Any]:
+        """The metrics JSON: prefixed numbers plus which checkpoint they describe.
+
+        Per-class numbers go to the per-class CSV rather than here: nested in the JSON
+        they would become one ``dvc metrics show`` column per class and metric.
+        """
+        return {**self.result.flat_metrics(prefix), "checkpoint": str(self.checkpoint), "epoch": self.epoch,
+                "num_images": self.result.num_images, "num_classes": self.result.num_classes,
+                "topk": self.result.topk}
+
+
+def evaluate_checkpoint(which: str, split: str, batch_size: int, *, device: torch.device,
+                        data_dir: str | Path = "data/prepared") -> SplitEvaluation:
+    """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised as in training.
+
+    Raises CheckpointError, EvaluationError or resnet.data.DataError with a message
+    that names the bad file or value and the fix.
+    """
+    from resnet.data import load_meta, load_split
+    from resnet.loader import DeviceLoader
+
+    data_dir = Path(data_dir)
+    checkpoint = CHECKPOINTS[which]
+    meta = load_meta(data_dir)
+    try:
+        classes = list(meta["classes"])
+        model, ckpt = load_model_for_data(checkpoint, classes, channels=meta.get("channels"),
+                                          image_size=meta.get("image_size"),
+                                          data_source=str(data_dir / "meta.json"))
+        images, labels = load_split(data_dir, split)
+        # The checkpoint's statistics, not recomputed ones: exactly what the model saw in training.
+        loader = DeviceLoader(images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device)
+    except (KeyError, ValueError) as e:
+        if isinstance(e, EvaluationError):
+            raise
+        raise EvaluationError(f"cannot evaluate {checkpoint} on {data_dir}/{split}: {e}") from e
+    log.info("evaluating %s (epoch %s) on %d %s images on %s", checkpoint, ckpt.get("epoch"), len(labels), split, device)
+    result = evaluate(model, loader, len(classes), device=device)
+    log.info("%s: loss %.4f, accuracy %.4f, top-%d %.4f, macro F1 %.4f", split, result.loss, result.accuracy,
+             result.topk, result.top5_accuracy, result.macro_f1)
+    return SplitEvaluation(result, checkpoint, ckpt.get("epoch"), classes, images)
 
 
 def _short(items: list[str], limit: int = 12) -> str:
