@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test test-all bench install clean-venv
+.PHONY: repro test install clean-venv
 
 # The venv is rebuilt when the dependency list or the torch pin changes.
 $(STAMP): pyproject.toml constraints.txt
@@ -15,13 +15,22 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Main job: the whole DVC pipeline. Extra dvc flags: make repro DVC_ARGS="-f"
+# Main job: the whole DVC pipeline. Extra dvc flags: make repro DVC_ARGS="-f".
+# Offline: make repro DATA_SOURCE=path/to/archive [DATASET=imagefolder|cifar10|cifar100]
+# runs it as a DVC experiment with the data parameters set (params.yaml is updated).
+DATASET ?= imagefolder
+# Stage commands say `python`: put the venv first on PATH so DVC runs ours.
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro $(DVC_ARGS)
+ifdef DATA_SOURCE
+	$(RUN) $(BIN)/dvc exp run -S data.dataset=$(DATASET) -S data.source=$(DATA_SOURCE) $(DVC_ARGS)
+else
+	$(RUN) $(BIN)/dvc repro $(DVC_ARGS)
+endif
 
-# Tests: fast ones by default; make test PYTEST_ARGS="-m slow" for the long ones.
+# Tests, all of them (CI runs this). Quick ones only: make test PYTEST_ARGS="-m 'not slow'"
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(RUN) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
