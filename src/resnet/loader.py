@@ -30,11 +30,9 @@ def _random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
     ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N,1,H,1)
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N,1,1,W)
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    # unfold gives every (H, W) window of the padded batch; pick one per image.
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (N, C, 2p+1, 2p+1, H, W), a view
+    return windows[torch.arange(n, device=x.device), :, oy, ox]
 
 
 def _random_flip(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -150,7 +148,7 @@ class DeviceLoader:
         for i in range(len(self)):
             sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
             idx = order[sl] if order is not None else sl
-            x = self.images[idx].float()
+            x = (self.images.index_select(0, idx) if order is not None else self.images[idx]).float()
             if self.augment is not None:
                 x = augment_batch(x, self.augment, gen)
             x = x * self._scale + self._shift
