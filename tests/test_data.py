@@ -601,3 +601,15 @@ def test_dvc_repro_split_then_nothing_to_do(tmp_path, tiny_imagefolder_tgz):
     second = run(str(BIN / "dvc"), "repro", "split")
     assert "Running stage" not in second.stdout
     assert "Stage 'split' didn't change" in second.stdout or "up to date" in second.stdout
+
+
+def test_relative_data_source_resolves_from_the_repository_in_dvc_temp_copies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnet.data import _source_kind
+
+    (tmp_path / "archive.tar.gz").write_bytes(b"")
+    temp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpq1"
+    temp_copy.mkdir(parents=True)
+    monkeypatch.chdir(temp_copy)
+    monkeypatch.setenv("DVC_ROOT", str(temp_copy))
+    assert _source_kind("archive.tar.gz") == ("path", tmp_path.resolve() / "archive.tar.gz")

@@ -172,3 +172,4 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
     proc = subprocess.run([sys.executable, "-m", "resnet.predict", "--model", "models:/nope@champion", "a.png"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "nope" in proc.stderr
+

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from resnet.config import CIFAR10_URL, CIFAR100_URL, DataParams
-from resnet.utils import atomic_dir, progress_enabled, read_json, write_json
+from resnet.utils import atomic_dir, progress_enabled, read_json, repo_root, workspace_root, write_json
 
 __all__ = [
     "DataError",
@@ -470,7 +470,12 @@ def _source_kind(source: str) -> tuple[str, str | Path]:
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
         raise DataError(f"data.source: unsupported URL scheme {parsed.scheme!r} in {source!r}; "
                         f"use https://, http://, file:// or a local path")
-    return "path", Path(source).expanduser()
+    path = Path(source).expanduser()
+    if not path.is_absolute() and not path.exists() and workspace_root() != repo_root():
+        # A DVC temporary copy (dvc exp run --temp, queued runs) sits two levels below
+        # .dvc/tmp/exps/: resolve paths the user wrote from the repository itself.
+        path = workspace_root() / path
+    return "path", path
 
 
 def _archive_filename(source: str, dataset: str) -> str:

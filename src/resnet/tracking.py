@@ -37,7 +37,7 @@ from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
 from resnet.config import Params, TrackingParams, to_flat_dict
-from resnet.utils import read_json, repo_root, write_json
+from resnet.utils import read_json, repo_root, workspace_root, write_json
 
 __all__ = [
     "store_root",
@@ -65,12 +65,7 @@ for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_ser
 
 def store_root() -> Path:
     """The repository whose mlflow.db holds the runs, seen through DVC's temporary copies."""
-    root = repo_root()
-    parts = root.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
+    return workspace_root()
 
 
 def resolve_tracking_uri(params: TrackingParams) -> str:

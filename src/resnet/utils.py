@@ -26,6 +26,7 @@ __all__ = [
     "seed_everything",
     "resolve_device",
     "repo_root",
+    "workspace_root",
     "progress_enabled",
 ]
 
@@ -133,3 +134,18 @@ def repo_root() -> Path:
         if (p / ".dvc").is_dir() or (p / ".git").exists():
             return p
     return here
+
+
+def workspace_root() -> Path:
+    """The user's repository, also from inside DVC's temporary copies.
+
+    ``dvc exp run --temp`` and queued experiments run in ``<repo>/.dvc/tmp/exps/<tmp>``,
+    a copy that is deleted afterwards: the MLflow store, and relative paths a user
+    wrote in params.yaml (``../shared/...``), belong to the repository above it.
+    """
+    root = repo_root()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
