@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import mlflow
 import pytest
 from archives import make_tar, write_imagefolder
 
@@ -28,3 +30,17 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     download(params, root / "raw")
     prepare(root / "raw", root / "prepared", params)
     return root / "prepared"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test inherits or leaks an MLflow store or a DVC experiment's variables.
+
+    mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, so one test's store
+    would otherwise become the next test's.
+    """
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

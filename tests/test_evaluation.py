@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -352,14 +351,10 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     save_checkpoint(tmp_path / "models" / "best.pt", _checkpoint_state(CLASSES, seed=0, epoch=3))
     save_checkpoint(tmp_path / "models" / "last.pt", _checkpoint_state(CLASSES, seed=1, epoch=5))
     # The MLflow run the train stage would have created, in a SQLite store in tmp_path.
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
     subprocess.run(["git", "init", "-q"], check=True)
     with tracking.start_run(Params(), meta, "cpu", "models/run.json"):
         pass
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exported it
+    return tmp_path
 
 
 def _run_data() -> mlflow.entities.RunData:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +25,10 @@ META = {"source": "archive.tar.gz", "source_sha256": "ab" * 32}
 
 @pytest.fixture()
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A git repository as the working directory, with no tracking URI inherited."""
+    """A git repository as the working directory (conftest isolates the MLflow variables)."""
     monkeypatch.chdir(tmp_path)
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        monkeypatch.delenv(var, raising=False)
     subprocess.run(["git", "init", "-q"], check=True)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)  # set_tracking_uri also exported the variable; undo for later tests
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return tmp_path
 
 
 def _checkpoint(path: Path, seed: int = 0) -> torch.nn.Module:

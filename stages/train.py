@@ -1,0 +1,102 @@
+"""DVC stage `train`: data/prepared -> models/{best,last}.pt, models/run.json, metrics and history.
+
+Rerunning after an interruption resumes from models/last.pt when it belongs to the
+same params and data and did not finish (resnet.training.find_resume_checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from resnet import tracking
+from resnet.checkpoint import CheckpointError
+from resnet.config import ConfigError, load_params
+from resnet.data import DataError, load_meta, load_split
+from resnet.loader import DeviceLoader
+from resnet.training import HISTORY_FIELDS, TrainingError, TrainResult, configure_torch, find_resume_checkpoint, fit
+from resnet.utils import atomic_path, setup_logging, write_json
+
+log = logging.getLogger("stages.train")
+
+PARAMS = Path("params.yaml")
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+METRICS = Path("metrics/train.json")
+HISTORY = Path("plots/train/history.csv")
+RUN_INFO = MODELS / "run.json"
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _summary(result: TrainResult) -> dict[str, Any]:
+    """metrics/train.json: the best checkpoint's validation numbers and the last epoch's."""
+    best = next(h for h in result.history if h["epoch"] == result.best_epoch)
+    last = result.history[-1]
+    return {
+        "epochs_completed": result.epochs_completed,
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": best["val_accuracy"],
+        "best_val_loss": best["val_loss"],
+        "final_train_loss": last["train_loss"],
+        "final_train_accuracy": last["train_accuracy"],
+        "final_val_loss": last.get("val_loss"),
+        "final_val_accuracy": last.get("val_accuracy"),
+        "train_seconds": round(result.train_seconds, 2),
+        "images_per_sec": round(result.images_per_sec, 1),
+        "device": result.device,
+        "precision": result.precision,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from,
+    }
+
+
+def main() -> int:
+    setup_logging()
+    try:
+        params = load_params(PARAMS)
+        tp = params.train
+        device = configure_torch(tp)
+        meta = load_meta(PREPARED)
+        (train_x, train_y), (val_x, val_y) = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+        norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
+        train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed,
+                                    **norm)
+        val_loader = DeviceLoader(val_x, val_y, tp.batch_size, train=False, **norm)
+        resume = find_resume_checkpoint(params, meta, MODELS)
+
+        # A resumed training logs into the MLflow run of the interrupted one.
+        run_id = (resume or {}).get("extra", {}).get("run_id")
+        with tracking.start_run(params, meta, device, RUN_INFO, resume_run_id=run_id) as run:
+            if resume and resume.get("history"):
+                # The epoch saved just before the interruption may not have reached MLflow.
+                last = resume["history"][-1]
+                run.log_epoch(int(last["epoch"]), last)
+            result = fit(params, meta, train_loader, val_loader, MODELS, resume=resume,
+                         extra={"run_id": run.run_id}, on_epoch=run.log_epoch)
+            summary = _summary(result)
+            write_json(METRICS, summary)
+            _write_history(HISTORY, result.history)
+            run.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_epoch"})
+            run.log_artifacts([METRICS, HISTORY], artifact_path="train")
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        log.warning("interrupted; rerun the stage to resume from %s", MODELS / "last.pt")
+        return 130
+    log.info("trained %d epochs: best %s %.4f at epoch %d -> %s", result.epochs_completed, result.metric_name,
+             result.best_metric, result.best_epoch, result.best_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

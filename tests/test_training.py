@@ -1,0 +1,571 @@
+"""The training loop and the train stage, on tiny models and tiny synthetic data.
+
+The task: four classes, one per image quadrant; the class's quadrant is bright. A
+ResNet learns it in a few epochs, so "training works" is testable in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+from torch import nn
+
+from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from resnet.config import ConfigError, Params, parse_params
+from resnet import training
+from resnet.loader import DeviceLoader
+from resnet.training import (
+    HISTORY_FIELDS,
+    TrainingError,
+    build_optimizer,
+    build_scheduler,
+    check_channels_last,
+    create_model,
+    find_resume_checkpoint,
+    fit,
+    resolve_precision,
+    train_one_epoch,
+)
+from resnet.utils import seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / "stages" / "train.py"
+TINY_MODEL = {"name": "resnet20", "width_multiplier": 0.25}
+CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: on a shared 2-core machine two OpenMP threads can run 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def quadrant_task(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, size, size, 3) noise with the labelled quadrant brightened by 150."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 100, (n, size, size, 3)).astype(np.uint8)
+    h = size // 2
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c), 2)
+        images[i, r * h:(r + 1) * h, col * h:(col + 1) * h] += 150
+    return images, labels.astype(np.int64)
+
+
+def make_meta(size: int = 16, counts: dict | None = None) -> dict[str, Any]:
+    return {"classes": CLASSES, "mean": [0.33, 0.33, 0.33], "std": [0.3, 0.3, 0.3], "image_size": [size, size],
+            "channels": 3, "counts": counts or {"train": 128, "val": 64}, "source": "synthetic",
+            "source_sha256": "0" * 64}
+
+
+def make_params(model: dict | None = None, **train: Any) -> Params:
+    """Tiny-model params; `train` overrides the recipe (small batches, no augmentation by default)."""
+    recipe = {"epochs": 2, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "num_threads": 1,
+              "augment": {"crop_padding": 0, "flip": False, "cutout": 0}}
+    recipe.update(train)
+    return parse_params({"model": model or TINY_MODEL, "train": recipe})
+
+
+def make_loaders(params: Params, meta: dict, n_train: int = 128, n_val: int = 64, size: int = 16,
+                 std: list[float] | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+    tp = params.train
+    norm = {"mean": meta["mean"], "std": std or meta["std"], "channels_last": tp.channels_last}
+    train = DeviceLoader(*quadrant_task(n_train, size, seed=1), tp.batch_size, train=True, augment=tp.augment,
+                         seed=tp.seed, **norm)
+    val = DeviceLoader(*quadrant_task(n_val, size, seed=2), 64, **norm)
+    return train, val
+
+
+def interrupt_after(n: int):
+    """An on_epoch callback that plays Ctrl-C after epoch n."""
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == n:
+            raise KeyboardInterrupt
+    return on_epoch
+
+
+def load_stage_module():
+    spec = importlib.util.spec_from_file_location("train_stage", STAGE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_stage_inputs(root: Path, train: dict, n_train: int = 128, n_val: int = 64, size: int = 16) -> None:
+    """params.yaml and data/prepared/ as the split stage writes them."""
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        images, labels = quadrant_task(n, size, seed)
+        np.savez(prepared / f"{split}.npz", images=images, labels=labels)
+    (prepared / "meta.json").write_text(json.dumps(make_meta(size, {"train": n_train, "val": n_val})))
+    recipe = {"epochs": 2, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "num_threads": 1, "device": "cpu",
+              "augment": {"crop_padding": 2, "flip": True, "cutout": 0}}
+    recipe.update(train)
+    (root / "params.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL, "train": recipe}))
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_fit_learns_the_quadrant_task(tmp_path: Path) -> None:
+    params = make_params(epochs=3, batch_size=16, lr=0.05, schedule="onecycle")
+    meta = make_meta()
+    train, val = make_loaders(params, meta, n_train=256)
+    seen: list[tuple[int, dict]] = []
+    result = fit(params, meta, train, val, tmp_path, extra={"run_id": "abc"},
+                 on_epoch=lambda e, m: seen.append((e, m)))
+
+    assert result.best_metric > 0.6  # chance is 0.25
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert [e for e, _ in seen] == [1, 2, 3] and result.epochs_completed == 3 and not result.stopped_early
+    assert all(tuple(m) == HISTORY_FIELDS for _, m in seen)
+    assert all(math.isfinite(v) for _, m in seen for v in m.values())
+
+    # Both checkpoints load with weights_only=True and rebuild the network.
+    best = load_checkpoint(tmp_path / "best.pt")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert best["epoch"] == result.best_epoch and last["epoch"] == 3
+    assert last["extra"] == {"run_id": "abc"} and last["classes"] == CLASSES
+    assert last["arch"] == {"name": "resnet20", "num_classes": 4, "in_channels": 3,
+                            "options": params.model.build_options()}
+    assert last["params"] == dataclasses.asdict(params) and len(last["history"]) == 3
+    model = model_from_checkpoint(last)
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+# ----------------------------------------------------------------------------- optimizers and schedules
+
+
+def lr_curve(tp_params: Params, steps_per_epoch: int) -> list[float]:
+    tp = tp_params.train
+    opt = build_optimizer(nn.Linear(2, 2), tp)
+    sched = build_scheduler(opt, tp, steps_per_epoch)
+    lrs = []
+    for _ in range(tp.epochs * steps_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_cosine_warms_up_from_a_tenth_then_decays_to_near_zero() -> None:
+    lrs = lr_curve(make_params(epochs=4, lr=0.2, schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
+    assert lrs[0] == pytest.approx(0.02)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rises through the warm-up
+    assert lrs[10] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.01 * 0.2
+
+
+def test_multistep_drops_by_gamma_at_each_milestone() -> None:
+    lrs = lr_curve(make_params(epochs=4, lr=0.1, schedule="multistep", milestones=[2, 3], gamma=0.1),
+                   steps_per_epoch=5)
+    assert lrs[:10] == pytest.approx([0.1] * 10)
+    assert lrs[10:15] == pytest.approx([0.01] * 5)
+    assert lrs[15:] == pytest.approx([0.001] * 5)
+
+
+def test_constant_with_warmup() -> None:
+    lrs = lr_curve(make_params(epochs=3, lr=0.1, schedule="constant", warmup_epochs=0.5), steps_per_epoch=10)
+    assert lrs[0] == pytest.approx(0.01) and lrs[4] < 0.1
+    assert lrs[5:] == pytest.approx([0.1] * 25)
+
+
+def test_onecycle_peaks_at_lr() -> None:
+    lrs = lr_curve(make_params(epochs=5, lr=0.4, schedule="onecycle"), steps_per_epoch=20)
+    peak = max(lrs)
+    assert peak == pytest.approx(0.4, rel=1e-3)
+    assert 20 <= lrs.index(peak) <= 40  # pct_start 0.3 of 100 steps
+    assert lrs[0] == pytest.approx(0.4 / 25) and lrs[-1] < 0.4 * 1e-3
+
+
+@pytest.mark.parametrize("schedule,extra", [("onecycle", {}), ("cosine", {"warmup_epochs": 1}),
+                                            ("multistep", {"milestones": [2]}), ("constant", {})])
+def test_schedule_state_resumes_exactly_through_weights_only_load(tmp_path: Path, schedule: str, extra: dict) -> None:
+    tp = make_params(epochs=3, lr=0.1, schedule=schedule, **extra).train
+    whole = lr_curve(make_params(epochs=3, lr=0.1, schedule=schedule, **extra), steps_per_epoch=8)
+    opt = build_optimizer(nn.Linear(2, 2), tp)
+    sched = build_scheduler(opt, tp, 8)
+    for _ in range(11):
+        opt.step()
+        sched.step()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    opt2 = build_optimizer(nn.Linear(2, 2), tp)
+    sched2 = build_scheduler(opt2, tp, 8)
+    opt2.load_state_dict(state["opt"])
+    sched2.load_state_dict(state["sched"])
+    rest = []
+    for _ in range(24 - 11):
+        rest.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert rest == whole[11:]
+
+
+def test_sgd_and_adamw_build_and_step() -> None:
+    model = nn.Linear(3, 2)
+    sgd = build_optimizer(model, make_params(optimizer="sgd", momentum=0.9, nesterov=True).train)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    adamw = build_optimizer(model, make_params(optimizer="adamw", lr=1e-3, weight_decay=0.05).train)
+    assert isinstance(adamw, torch.optim.AdamW)
+    before = model.weight.detach().clone()
+    model(torch.randn(4, 3)).sum().backward()
+    adamw.step()
+    assert not torch.equal(before, model.weight)
+    with pytest.raises(ConfigError, match="train.nesterov"):
+        build_optimizer(model, make_params(momentum=0.0, nesterov=True).train)
+
+
+@pytest.mark.parametrize("no_decay", [True, False])
+def test_weight_decay_skips_norm_and_bias_when_asked(no_decay: bool) -> None:
+    params = make_params(weight_decay=5e-4, no_decay_norm_bias=no_decay)
+    model = create_model(params, make_meta())
+    opt = build_optimizer(model, params.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | undecayed == set(names.values())
+    if no_decay:
+        assert "fc.bias" in undecayed and "bn1.weight" in undecayed and "layer1.0.bn2.bias" in undecayed
+        assert decayed == {n for n, p in model.named_parameters() if p.ndim > 1}
+    else:
+        assert not undecayed
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
+    params = make_params(epochs=3, schedule="cosine", warmup_epochs=1, label_smoothing=0.1, grad_clip=2.0,
+                         augment={"crop_padding": 2, "flip": True, "cutout": 4})
+    meta = make_meta()
+    whole = fit(params, meta, *make_loaders(params, meta), tmp_path / "a")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, meta, *make_loaders(params, meta), tmp_path / "b", extra={"run_id": "r1"},
+            on_epoch=interrupt_after(1))
+    resume = find_resume_checkpoint(params, meta, tmp_path / "b")
+    assert resume is not None and resume["epoch"] == 1 and resume["extra"] == {"run_id": "r1"}
+    torch.manual_seed(1234)  # a new process starts with other RNG states; the checkpoint restores them
+    resumed = fit(params, meta, *make_loaders(params, meta), tmp_path / "b", resume=resume)
+
+    assert resumed.resumed_from == 1 and resumed.epochs_completed == 3
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming"
+    drop_time = lambda h: [{k: v for k, v in m.items() if k not in ("images_per_sec", "epoch_seconds")} for m in h]
+    assert drop_time(whole.history) == drop_time(resumed.history)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["extra"] == {"run_id": "r1"}
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    seed_everything(7)
+    torch.save({"rng": training._rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    seed_everything(99)
+    training._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_truncated_last_pt_is_a_clear_error_not_a_fresh_start(tmp_path: Path) -> None:
+    params, meta = make_params(epochs=2), make_meta()
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, meta, *make_loaders(params, meta), tmp_path, on_epoch=interrupt_after(1))
+    last = tmp_path / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        find_resume_checkpoint(params, meta, tmp_path)
+    assert str(last) in str(err.value) and "delete it" in str(err.value)
+
+
+def test_finished_or_mismatched_last_pt_means_a_fresh_start(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="resnet.training")
+    params, meta = make_params(epochs=2), make_meta()
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, meta, *make_loaders(params, meta), tmp_path, on_epoch=interrupt_after(1))
+    assert find_resume_checkpoint(params, meta, tmp_path)["epoch"] == 1
+    assert "resuming from" in caplog.text
+    # Where and how fast to run is not part of the recipe: a resume survives changing it.
+    assert find_resume_checkpoint(make_params(epochs=2, num_threads=2, device="cpu"), meta, tmp_path) is not None
+
+    caplog.clear()
+    assert find_resume_checkpoint(make_params(epochs=2, lr=0.01), meta, tmp_path) is None
+    assert "starting fresh" in caplog.text and "train.lr: 0.05 -> 0.01" in caplog.text
+    caplog.clear()
+    assert find_resume_checkpoint(params, make_meta(counts={"train": 999}), tmp_path) is None
+    assert "prepared data" in caplog.text
+
+    fit(params, meta, *make_loaders(params, meta), tmp_path)  # runs to the end
+    caplog.clear()
+    assert find_resume_checkpoint(params, meta, tmp_path) is None
+    assert "finished run (epoch 2/2)" in caplog.text
+    assert find_resume_checkpoint(params, meta, tmp_path / "nowhere") is None
+
+
+def _stage_command() -> list[str]:
+    return [sys.executable, str(STAGE)]
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_from_last_pt(tmp_path: Path) -> None:
+    epochs = 40  # ~0.1 s each: a wide window to kill it in
+    write_stage_inputs(tmp_path, {"epochs": epochs})
+    env = {**os.environ, "RESNET_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(_stage_command(), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    last, killed_at = tmp_path / "models" / "last.pt", None
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.exists():
+                epoch = torch.load(last, weights_only=True)["epoch"]  # atomic writes: never half a file
+                if epoch >= 1:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = epoch
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed_at is not None and killed_at < epochs, "the stage finished before it could be killed"
+    assert not (tmp_path / "metrics" / "train.json").exists()
+
+    rerun = subprocess.run(_stage_command(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    history = load_checkpoint(last)["history"]  # the resumed run kept the first run's epochs
+    assert "resuming from models/last.pt at epoch" in rerun.stderr
+    summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert summary["epochs_completed"] == epochs and len(history) == epochs
+    assert summary["resumed_from_epoch"] >= killed_at
+    rows = (tmp_path / "plots" / "train" / "history.csv").read_text().splitlines()
+    assert len(rows) == epochs + 1
+
+
+# ----------------------------------------------------------------------------- failures and stopping
+
+
+@pytest.mark.parametrize("cause", ["huge_lr", "poisoned_input"])
+def test_non_finite_loss_raises_training_error(tmp_path: Path, cause: str) -> None:
+    meta = make_meta()
+    if cause == "huge_lr":
+        params = make_params(epochs=2, lr=1e6, schedule="constant")
+        loaders = make_loaders(params, meta)
+    else:
+        params = make_params(epochs=2)
+        loaders = make_loaders(params, meta, std=[0.3, 0.0, 0.3])  # x / 0: inf and NaN inputs
+    with pytest.raises(TrainingError, match=r"epoch 1, step \d+ of 4.*train\.lr.*train\.grad_clip"):
+        fit(params, meta, *loaders, tmp_path)
+    assert not (tmp_path / "last.pt").exists()  # a diverged epoch is never checkpointed
+
+
+def test_train_loop_does_not_sync_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host reads (.item(), bool(), float(), int()) happen a handful of times per epoch, not per batch."""
+    params, meta = make_params(batch_size=4, grad_clip=1.0), make_meta(size=8)
+    loader = DeviceLoader(*quadrant_task(240, 8), 4, mean=meta["mean"], std=meta["std"], train=True)
+    model = create_model(params, meta)
+    model.train()
+    opt = build_optimizer(model, params.train)
+    sched = build_scheduler(opt, params.train, len(loader))
+    reads = {"n": 0}
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    out = train_one_epoch(model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                          nn.CrossEntropyLoss(), grad_clip=1.0)
+    monkeypatch.undo()
+    assert len(loader) == 60 and out["images"] == 240
+    assert reads["n"] <= 6, f"{reads['n']} host reads in 60 steps"
+
+
+def test_early_stopping_stops_when_patience_runs_out(tmp_path: Path) -> None:
+    # Four validation images: accuracy can rise strictly at most 4 times, so with
+    # patience 2 the run must stop well before 20 epochs.
+    params, meta = make_params(epochs=20, early_stopping_patience=2, lr=0.2), make_meta()
+    train, _ = make_loaders(params, meta)
+    val = DeviceLoader(*quadrant_task(4, 16, seed=3), 4, mean=meta["mean"], std=meta["std"])
+    calls: list[int] = []
+    result = fit(params, meta, train, val, tmp_path, on_epoch=lambda e, m: calls.append(e))
+    assert result.stopped_early and result.epochs_completed < 20
+    assert calls == list(range(1, result.epochs_completed + 1))
+    assert result.best_epoch == result.epochs_completed - 2
+    best = result.history[result.best_epoch - 1]["val_accuracy"]
+    assert all(h["val_accuracy"] <= best for h in result.history[result.best_epoch:])
+    assert load_checkpoint(tmp_path / "last.pt")["stopped_early"]
+    assert find_resume_checkpoint(params, meta, tmp_path) is None  # a stopped run is finished
+
+
+def test_eval_every_validates_on_schedule_and_after_the_last_epoch(tmp_path: Path) -> None:
+    params, meta = make_params(epochs=3, eval_every=2), make_meta()
+    result = fit(params, meta, *make_loaders(params, meta), tmp_path)
+    assert ["val_accuracy" in h for h in result.history] == [False, True, True]
+
+
+# ----------------------------------------------------------------------------- fine-tuning and paths
+
+
+def test_finetune_from_torchvision_state_dict_with_frozen_backbone(tmp_path: Path) -> None:
+    tv = torchvision.models.resnet18(num_classes=1000)
+    with torch.no_grad():  # distinctive BN statistics, to see that training leaves them alone
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    torch.save(tv.state_dict(), tmp_path / "tv.pt")
+    tv_state = tv.state_dict()
+    model_cfg = {"name": "resnet18", "pretrained": str(tmp_path / "tv.pt")}
+    meta = make_meta()
+
+    # Without freezing: the backbone loads, the 4-class head is fresh, everything trains.
+    params = make_params(model=model_cfg, batch_size=16)
+    model = create_model(params, meta)
+    assert torch.equal(model.conv1.weight, tv_state["conv1.weight"]) and model.fc.out_features == 4
+    assert len(build_optimizer(model, params.train).param_groups[0]["params"]) > 2
+
+    frozen = make_params(model={**model_cfg, "freeze_backbone": True}, epochs=1, batch_size=16, lr=0.1)
+    seed_everything(frozen.train.seed)
+    initial_fc = create_model(frozen, meta).fc.weight.detach().clone()
+    opt = build_optimizer(create_model(frozen, meta), frozen.train)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2  # fc.weight and fc.bias only
+    result = fit(frozen, meta, *make_loaders(frozen, meta, n_train=64), tmp_path / "out")
+    after = result.model.state_dict()
+    for k, v in tv_state.items():
+        if not k.startswith("fc."):
+            assert torch.equal(after[k], v), f"frozen {k} changed"
+    assert not torch.equal(after["fc.weight"], initial_fc)
+
+
+def test_channels_last_and_grad_clip_paths_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clipped: list[float] = []
+    original = nn.utils.clip_grad_norm_
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, **kw: clipped.append(max_norm) or original(params, max_norm, **kw))
+    # Shortcut A: no 1x1 stride-2 convolution, which oneDNN mishandles in NHWC at this width (below).
+    params = make_params(model={**TINY_MODEL, "shortcut": "A"}, epochs=1, channels_last=True, grad_clip=0.5)
+    meta = make_meta()
+    result = fit(params, meta, *make_loaders(params, meta), tmp_path)
+    assert clipped == [0.5] * 4
+    assert result.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_channels_last_refuses_narrow_projection_shortcuts_on_cpu(tmp_path: Path) -> None:
+    # resnet20 x0.25 with shortcut B has 1x1 stride-2 convs with 4 and 8 input channels:
+    # oneDNN's NHWC backward crashes the process or returns wrong gradients there.
+    params, meta = make_params(epochs=1, channels_last=True), make_meta()
+    with pytest.raises(ConfigError, match=r"train\.channels_last.*layer2\.0\.downsample\.0.*oneDNN"):
+        fit(params, meta, *make_loaders(params, meta), tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.compile"):  # inductor picks NHWC for convolutions on CPU
+        fit(make_params(epochs=1, compile=True), meta, *make_loaders(params, meta), tmp_path)
+    check_channels_last(create_model(make_params(model={"name": "resnet20"}), meta), torch.device("cpu"))  # 16: fine
+
+
+def test_half_precision_on_cpu_falls_back_to_fp32(caplog) -> None:
+    cpu = torch.device("cpu")
+    for requested in ("bf16", "fp16"):
+        assert resolve_precision(requested, cpu) == "fp32"
+    assert "training in fp32" in caplog.text
+    assert resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.mark.slow
+def test_torch_compile_path_trains(tmp_path: Path) -> None:
+    params, meta = make_params(model={**TINY_MODEL, "shortcut": "A"}, epochs=1, compile=True), make_meta()
+    result = fit(params, meta, *make_loaders(params, meta), tmp_path)
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert all(not k.startswith("_orig_mod") for k in load_checkpoint(tmp_path / "last.pt")["model"])
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def test_stage_writes_its_outputs_then_starts_fresh_after_a_finished_run(tmp_path, monkeypatch, caplog) -> None:
+    write_stage_inputs(tmp_path, {"epochs": 2})
+    monkeypatch.chdir(tmp_path)
+    stage = load_stage_module()
+    monkeypatch.setattr(stage, "setup_logging", lambda: None)  # keep pytest's log capture
+    caplog.set_level(logging.INFO)
+    assert stage.main() == 0
+
+    summary = json.loads(Path("metrics/train.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["device"] == "cpu" and summary["stopped_early"] is False
+    assert 0 <= summary["best_val_accuracy"] <= 1 and summary["images_per_sec"] > 0
+    rows = Path("plots/train/history.csv").read_text().splitlines()
+    assert rows[0] == ",".join(HISTORY_FIELDS) and len(rows) == 3
+    assert load_checkpoint("models/best.pt")["epoch"] == summary["best_epoch"]
+
+    # One MLflow run, in the embedded store beside the repo, with the per-epoch curves.
+    run_info = json.loads(Path("models/run.json").read_text())
+    assert run_info["tracking_uri"] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert load_checkpoint("models/last.pt")["extra"] == {"run_id": run_info["run_id"]}
+    client = mlflow.tracking.MlflowClient(run_info["tracking_uri"])
+    assert [m.step for m in client.get_metric_history(run_info["run_id"], "train_loss")] == [1, 2]
+    assert client.get_run(run_info["run_id"]).data.metrics["best_val_accuracy"] == summary["best_val_accuracy"]
+
+    caplog.clear()
+    assert stage.main() == 0
+    assert "finished run (epoch 2/2): starting fresh" in caplog.text
+
+
+@pytest.mark.parametrize("bad,key", [({"lr": -1}, "train.lr"), ({"optimiser": "sgd"}, "optimiser")])
+def test_stage_exits_1_naming_the_bad_key(tmp_path, monkeypatch, caplog, bad: dict, key: str) -> None:
+    write_stage_inputs(tmp_path, bad)
+    monkeypatch.chdir(tmp_path)
+    stage = load_stage_module()
+    monkeypatch.setattr(stage, "setup_logging", lambda: None)
+    assert stage.main() == 1
+    assert key in caplog.text and "ERROR" in caplog.text
+
+
+def test_stage_exits_1_when_the_prepared_data_is_missing(tmp_path, monkeypatch, caplog) -> None:
+    write_stage_inputs(tmp_path, {})
+    (tmp_path / "data" / "prepared" / "val.npz").unlink()
+    monkeypatch.chdir(tmp_path)
+    stage = load_stage_module()
+    monkeypatch.setattr(stage, "setup_logging", lambda: None)
+    assert stage.main() == 1
+    assert "val.npz not found" in caplog.text
+
+
+def test_stage_reports_a_corrupt_last_pt(tmp_path, monkeypatch, caplog) -> None:
+    write_stage_inputs(tmp_path, {"epochs": 2})
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    monkeypatch.chdir(tmp_path)
+    stage = load_stage_module()
+    monkeypatch.setattr(stage, "setup_logging", lambda: None)
+    assert stage.main() == 1
+    assert "models/last.pt" in caplog.text and "delete it" in caplog.text
