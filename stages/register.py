@@ -1,4 +1,4 @@
-"""register stage: log the evaluated model to the pipeline's MLflow run and register it.
+"""DVC stage `register`: log the evaluated model to the pipeline's MLflow run and register it.
 
 The new version gets the alias `champion` only if it beats the current champion on
 register.metric; otherwise `challenger`. What happened goes to metrics/register.json.
@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 from resnet import tracking
-from resnet.checkpoint import CheckpointError
-from resnet.config import ConfigError, load_params
+from resnet.config import ConfigError, Params
 from resnet.data import load_split
-from resnet.utils import read_json, setup_logging, write_json
+from resnet.stage import run_stage
+from resnet.utils import read_json, write_json
 
-log = logging.getLogger("register")
+log = logging.getLogger("stages.register")
 
 PREPARED = Path("data/prepared")
 RUN_FILE = Path("models/run.json")
@@ -22,30 +22,27 @@ TEST_METRICS = Path("metrics/test.json")
 OUT = Path("metrics/register.json")
 
 
-def main() -> int:
-    setup_logging()
-    try:
-        params = load_params("params.yaml")
-        test = read_json(TEST_METRICS)
-        # Register exactly the checkpoint the evaluate stage measured.
-        checkpoint = Path("models") / f"{test['checkpoint']}.pt"
-        metrics = {k: v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if params.register.metric not in metrics:
-            raise ConfigError(f"register.metric: {params.register.metric!r} is not in {TEST_METRICS} "
-                              f"(it has {sorted(metrics)})")
-        example, _ = load_split(PREPARED, "test")
-        with tracking.continue_run(params, RUN_FILE) as run:
-            model_uri = tracking.log_model(run, checkpoint, example[:2])
-            result = tracking.register_model(run, model_uri, params.register.model_name,
-                                             params.register.metric, metrics)
-            run.set_tags({"registered_model": f"{result['model_name']}/{result['version']}",
-                          "registered_alias": result["alias"]})
-    except (ConfigError, CheckpointError, FileNotFoundError, KeyError) as e:
-        log.error("%s", e)
-        return 1
+def run(params: Params) -> None:
+    test = read_json(TEST_METRICS)
+    metrics = {k: v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if params.register.metric not in metrics:
+        raise ConfigError(f"register.metric: {params.register.metric!r} is not in {TEST_METRICS} "
+                          f"(it has {sorted(metrics)}); rerun the evaluate stage")
+    # Register exactly the checkpoint the evaluate stage measured.
+    checkpoint = Path(test["checkpoint"])
+    example, _ = load_split(PREPARED, "test")
+    with tracking.continue_run(params, RUN_FILE) as mlrun:
+        model_uri = tracking.log_model(mlrun, checkpoint, example[:2])
+        result = tracking.register_model(mlrun, model_uri, params.register.model_name,
+                                         params.register.metric, metrics)
+        mlrun.set_tags({"registered_model": f"{result['model_name']}/{result['version']}",
+                        "registered_alias": result["alias"]})
     write_json(OUT, result)
     log.info("models:/%s@%s is version %s", result["model_name"], result["alias"], result["version"])
-    return 0
+
+
+def main() -> int:
+    return run_stage(run)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from resnet import tracking
-from resnet.checkpoint import CheckpointError
-from resnet.config import ConfigError, load_params
-from resnet.data import DataError, load_meta, load_split
+from resnet.config import Params
+from resnet.data import load_meta, load_split
 from resnet.loader import DeviceLoader
-from resnet.training import HISTORY_FIELDS, TrainingError, TrainResult, configure_torch, find_resume_checkpoint, fit
-from resnet.utils import atomic_path, setup_logging, write_json
+from resnet.stage import run_stage
+from resnet.training import HISTORY_FIELDS, TrainResult, configure_torch, find_resume_checkpoint, fit
+from resnet.utils import atomic_path, write_json
 
 log = logging.getLogger("stages.train")
 
-PARAMS = Path("params.yaml")
 PREPARED = Path("data/prepared")
 MODELS = Path("models")
 METRICS = Path("metrics/train.json")
@@ -59,43 +58,37 @@ def _summary(result: TrainResult) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    setup_logging()
-    try:
-        params = load_params(PARAMS)
-        tp = params.train
-        device = configure_torch(tp)
-        meta = load_meta(PREPARED)
-        (train_x, train_y), (val_x, val_y) = load_split(PREPARED, "train"), load_split(PREPARED, "val")
-        norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
-        train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed,
-                                    **norm)
-        val_loader = DeviceLoader(val_x, val_y, tp.batch_size, train=False, **norm)
-        resume = find_resume_checkpoint(params, meta, MODELS)
+def run(params: Params) -> None:
+    tp = params.train
+    device = configure_torch(tp)
+    meta = load_meta(PREPARED)
+    (train_x, train_y), (val_x, val_y) = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+    norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
+    train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed,
+                                **norm)
+    val_loader = DeviceLoader(val_x, val_y, tp.batch_size, train=False, **norm)
+    resume = find_resume_checkpoint(params, meta, MODELS)
 
-        # A resumed training logs into the MLflow run of the interrupted one.
-        run_id = (resume or {}).get("extra", {}).get("run_id")
-        with tracking.start_run(params, meta, device, RUN_INFO, resume_run_id=run_id) as run:
-            if resume and resume.get("history"):
-                # The epoch saved just before the interruption may not have reached MLflow.
-                last = resume["history"][-1]
-                run.log_epoch(int(last["epoch"]), last)
-            result = fit(params, meta, train_loader, val_loader, MODELS, resume=resume,
-                         extra={"run_id": run.run_id}, on_epoch=run.log_epoch)
-            summary = _summary(result)
-            write_json(METRICS, summary)
-            _write_history(HISTORY, result.history)
-            run.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_epoch"})
-            run.log_artifacts([METRICS, HISTORY], artifact_path="train")
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        log.error("%s", e)
-        return 1
-    except KeyboardInterrupt:
-        log.warning("interrupted; rerun the stage to resume from %s", MODELS / "last.pt")
-        return 130
+    # A resumed training logs into the MLflow run of the interrupted one.
+    run_id = (resume or {}).get("extra", {}).get("run_id")
+    with tracking.start_run(params, meta, device, RUN_INFO, resume_run_id=run_id) as mlrun:
+        if resume and resume.get("history"):
+            # The epoch saved just before the interruption may not have reached MLflow.
+            last = resume["history"][-1]
+            mlrun.log_epoch(int(last["epoch"]), last)
+        result = fit(params, meta, train_loader, val_loader, MODELS, resume=resume,
+                     extra={"run_id": mlrun.run_id}, on_epoch=mlrun.log_epoch)
+        summary = _summary(result)
+        write_json(METRICS, summary)
+        _write_history(HISTORY, result.history)
+        mlrun.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_epoch"})
+        mlrun.log_artifacts([METRICS, HISTORY], artifact_path="train")
     log.info("trained %d epochs: best %s %.4f at epoch %d -> %s", result.epochs_completed, result.metric_name,
              result.best_metric, result.best_epoch, result.best_path)
-    return 0
+
+
+def main() -> int:
+    return run_stage(run, on_interrupt=f"rerun the stage (dvc repro) to resume from {MODELS / 'last.pt'}")
 
 
 if __name__ == "__main__":

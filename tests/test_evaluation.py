@@ -367,8 +367,6 @@ def _stage(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"_stage_{name}", REPO / "stages" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # setup_logging() replaces the root handlers, which would blind caplog.
-    monkeypatch.setattr(module, "setup_logging", lambda: None)
     return module
 
 

@@ -102,7 +102,7 @@ def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
 
 
 def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="dvc repro train"):
+    with pytest.raises(tracking.TrackingError, match="dvc repro train"):
         with tracking.continue_run(Params(), "models/run.json"):
             pass
 

@@ -516,7 +516,6 @@ def test_stage_writes_its_outputs_then_starts_fresh_after_a_finished_run(tmp_pat
     write_stage_inputs(tmp_path, {"epochs": 2})
     monkeypatch.chdir(tmp_path)
     stage = load_stage_module()
-    monkeypatch.setattr(stage, "setup_logging", lambda: None)  # keep pytest's log capture
     caplog.set_level(logging.INFO)
     assert stage.main() == 0
 
@@ -545,7 +544,6 @@ def test_stage_exits_1_naming_the_bad_key(tmp_path, monkeypatch, caplog, bad: di
     write_stage_inputs(tmp_path, bad)
     monkeypatch.chdir(tmp_path)
     stage = load_stage_module()
-    monkeypatch.setattr(stage, "setup_logging", lambda: None)
     assert stage.main() == 1
     assert key in caplog.text and "ERROR" in caplog.text
 
@@ -555,7 +553,6 @@ def test_stage_exits_1_when_the_prepared_data_is_missing(tmp_path, monkeypatch, 
     (tmp_path / "data" / "prepared" / "val.npz").unlink()
     monkeypatch.chdir(tmp_path)
     stage = load_stage_module()
-    monkeypatch.setattr(stage, "setup_logging", lambda: None)
     assert stage.main() == 1
     assert "val.npz not found" in caplog.text
 
@@ -566,6 +563,5 @@ def test_stage_reports_a_corrupt_last_pt(tmp_path, monkeypatch, caplog) -> None:
     (tmp_path / "models" / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
     monkeypatch.chdir(tmp_path)
     stage = load_stage_module()
-    monkeypatch.setattr(stage, "setup_logging", lambda: None)
     assert stage.main() == 1
     assert "models/last.pt" in caplog.text and "delete it" in caplog.text

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from resnet.models import ResNet, build_model
-from resnet.utils import atomic_path
+from resnet.utils import PipelineError, atomic_path
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -42,7 +42,7 @@ CHECKPOINT_VERSION = 1
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PipelineError, RuntimeError):
     """A checkpoint is missing, truncated, corrupt or not one of ours."""
 
 

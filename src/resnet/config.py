@@ -20,6 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from resnet.models import MODEL_OPTIONS, SHORTCUTS, STEMS, list_models
+from resnet.utils import PipelineError
 
 __all__ = [
     "ConfigError",
@@ -43,7 +44,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 

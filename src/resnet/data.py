@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from resnet.config import CIFAR10_URL, CIFAR100_URL, DataParams
-from resnet.utils import atomic_dir, progress_enabled, read_json, repo_root, workspace_root, write_json
+from resnet.utils import PipelineError, atomic_dir, progress_enabled, read_json, repo_root, workspace_root, write_json
 
 __all__ = [
     "DataError",
@@ -85,7 +85,7 @@ OFFLINE_HINT = (
 _CHUNK = 1 << 20
 
 
-class DataError(RuntimeError):
+class DataError(PipelineError, RuntimeError):
     """The data source is unreachable, corrupt, unsafe or not laid out as expected."""
 
 

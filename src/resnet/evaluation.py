@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from resnet.models import ResNet
-from resnet.utils import atomic_path
+from resnet.utils import PipelineError, atomic_path
 
 __all__ = [
     "CHECKPOINTS",
@@ -60,7 +60,7 @@ CHECKPOINTS: dict[str, Path] = {"best": Path("models/best.pt"), "last": Path("mo
 MAX_ANNOTATED_CLASSES = 40
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PipelineError, ValueError):
     """A model and the data it is asked to evaluate do not fit together."""
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from resnet import tracking
-from resnet.config import ConfigError, TrackingParams, load_params
-from resnet.utils import setup_logging
+from resnet.config import TrackingParams, load_params
+from resnet.utils import PipelineError, setup_logging
 
 log = logging.getLogger("resnet.predict")
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         model, shape = tracking.load_pyfunc(args.model, tparams)
         images = read_images(args.images, (shape[1], shape[2]), shape[3])
         table = model.predict(images)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (PipelineError, ValueError) as e:
         log.error("%s", e)
         return 1
     print("\n".join(format_predictions(args.images, table, args.top_k)))

@@ -37,9 +37,10 @@ from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
 from resnet.config import Params, TrackingParams, to_flat_dict
-from resnet.utils import read_json, repo_root, workspace_root, write_json
+from resnet.utils import PipelineError, read_json, repo_root, workspace_root, write_json
 
 __all__ = [
+    "TrackingError",
     "store_root",
     "resolve_tracking_uri",
     "PipelineRun",
@@ -58,6 +59,12 @@ CHALLENGER = "challenger"
 # MLflow's own chatter (alembic migrations, "🏃 View run ...") drowns the stage logs.
 for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+
+
+class TrackingError(PipelineError):
+    """The MLflow run or model a stage needs is not in the store."""
 
 
 # --------------------------------------------------------------------------- the store
@@ -246,7 +253,7 @@ def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
     """Continue the train stage's run (validate, evaluate, register)."""
     run_file = Path(run_file)
     if not run_file.is_file():
-        raise FileNotFoundError(f"{run_file} not found: the train stage writes it; run `dvc repro train` first")
+        raise TrackingError(f"{run_file} not found: the train stage writes it; run `dvc repro train` first")
     saved = read_json(run_file)
     _setup(params.tracking)
     if saved.get("tracking_uri") and saved["tracking_uri"] != mlflow.get_tracking_uri():
@@ -255,7 +262,7 @@ def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
     try:
         mlflow.get_run(saved["run_id"])
     except MlflowException as e:
-        raise FileNotFoundError(
+        raise TrackingError(
             f"MLflow run {saved['run_id']} from {run_file} is not in {mlflow.get_tracking_uri()}; "
             "rerun the pipeline from train (dvc repro -f train)"
         ) from e
@@ -447,6 +454,6 @@ def load_pyfunc(model_uri: str, params: TrackingParams | None = None) -> tuple[A
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
-        raise FileNotFoundError(f"cannot load {model_uri} from {uri}: {str(e).splitlines()[0]}") from e
+        raise TrackingError(f"cannot load {model_uri} from {uri}: {str(e).splitlines()[0]}") from e
     spec = model.metadata.get_input_schema().inputs[0]
     return model, tuple(spec.shape)

@@ -58,7 +58,7 @@ from resnet.checkpoint import (
 from resnet.config import ConfigError, Params, TrainParams
 from resnet.loader import DeviceLoader
 from resnet.models import ResNet, build_model
-from resnet.utils import progress_enabled, resolve_device, seed_everything
+from resnet.utils import PipelineError, progress_enabled, resolve_device, seed_everything
 
 __all__ = [
     "TrainingError",
@@ -96,7 +96,7 @@ RESUME_KEYS = ("epoch", "optimizer", "scheduler", "scaler", "rng", "history", "b
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     """Training cannot go on: a non-finite loss, or loaders that do not fit the run."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "PipelineError",
     "atomic_path",
     "atomic_dir",
     "write_json",
@@ -31,6 +32,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class PipelineError(Exception):
+    """An expected failure: bad params, data, checkpoint... Its message names the problem and the fix.
+
+    Stage scripts turn it into one log line and exit status 1 (resnet.stage.run_stage);
+    anything else is a bug and keeps its traceback.
+    """
 
 
 def _umask() -> int:
@@ -89,12 +98,12 @@ def read_json(path: str | Path) -> Any:
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Log lines with a timestamp to stderr (what the stage scripts call first)."""
+    # Not force=True: where handlers exist already (pytest's log capture) they stay.
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
-        force=True,
     )
 
 
