@@ -273,62 +273,56 @@ def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
 # --------------------------------------------------------------------------- the model
 
 
-# Subclassing PythonModel warns that predict lacks type hints; the logged signature
-# describes the input instead (see predict).
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+class ResNetClassifier(mlflow.pyfunc.PythonModel):
+    """Raw images in, class probabilities and labels out.
 
-    class ResNetClassifier(mlflow.pyfunc.PythonModel):
-        """Raw images in, class probabilities and labels out.
+    Input: uint8 array (N, H, W, C), as images are decoded (PIL, OpenCV, imageio).
+    Images of another size are resized to the training size. Output: a DataFrame with
+    ``label`` (class name), ``class_index``, ``confidence`` and one ``prob_<class>``
+    column per class.
+    """
 
-        Input: uint8 array (N, H, W, C), as images are decoded (PIL, OpenCV, imageio).
-        Images of another size are resized to the training size. Output: a DataFrame with
-        ``label`` (class name), ``class_index``, ``confidence`` and one ``prob_<class>``
-        column per class.
-        """
+    batch_size = 256
 
-        batch_size = 256
+    def load_context(self, context: Any) -> None:
+        ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
+        self.model = model_from_checkpoint(ckpt).eval()
+        self.classes = list(ckpt["classes"])
+        self.image_size = tuple(ckpt.get("image_size") or ())
+        self.channels = ckpt["arch"]["in_channels"]
+        self.mean = torch.tensor(ckpt["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(ckpt["std"], dtype=torch.float32).view(1, -1, 1, 1)
 
-        def load_context(self, context: Any) -> None:
-            ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
-            self.model = model_from_checkpoint(ckpt).eval()
-            self.classes = list(ckpt["classes"])
-            self.image_size = tuple(ckpt.get("image_size") or ())
-            self.channels = ckpt["arch"]["in_channels"]
-            self.mean = torch.tensor(ckpt["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-            self.std = torch.tensor(ckpt["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    def _preprocess(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.ascontiguousarray(images))
+        if x.ndim == 3:  # (N, H, W) grayscale
+            x = x.unsqueeze(-1)
+        if x.ndim != 4 or x.shape[-1] != self.channels:
+            raise ValueError(f"expected uint8 images (N, H, W, {self.channels}), got shape {tuple(x.shape)}")
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        if self.image_size and tuple(x.shape[-2:]) != self.image_size:
+            x = torch.nn.functional.interpolate(x, size=self.image_size, mode="bilinear", antialias=True,
+                                                align_corners=False)
+        return (x - self.mean) / self.std
 
-        def _preprocess(self, images: np.ndarray) -> torch.Tensor:
-            x = torch.as_tensor(np.ascontiguousarray(images))
-            if x.ndim == 3:  # (N, H, W) grayscale
-                x = x.unsqueeze(-1)
-            if x.ndim != 4 or x.shape[-1] != self.channels:
-                raise ValueError(f"expected uint8 images (N, H, W, {self.channels}), got shape {tuple(x.shape)}")
-            x = x.permute(0, 3, 1, 2).float() / 255.0
-            if self.image_size and tuple(x.shape[-2:]) != self.image_size:
-                x = torch.nn.functional.interpolate(x, size=self.image_size, mode="bilinear", antialias=True,
-                                                    align_corners=False)
-            return (x - self.mean) / self.std
-
-        # model_input has no annotation on purpose: MLflow would try to derive a schema from it,
-        # and the explicit signature logged with the model already describes the input.
-        def predict(self, context, model_input, params=None) -> pd.DataFrame:  # type: ignore[override]
-            images = np.asarray(model_input)
-            probs = []
-            with torch.inference_mode():
-                for start in range(0, len(images), self.batch_size):
-                    x = self._preprocess(images[start : start + self.batch_size])
-                    probs.append(torch.softmax(self.model(x), dim=1))
-            p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
-            idx = p.argmax(axis=1)
-            out = pd.DataFrame({
-                "label": [self.classes[i] for i in idx],
-                "class_index": idx.astype(np.int64),
-                "confidence": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
-            })
-            for i, c in enumerate(self.classes):
-                out[f"prob_{c}"] = p[:, i].astype(np.float64)
-            return out
+    # np.ndarray: MLflow infers no schema from it (the logged signature describes the input).
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        images = np.asarray(model_input)
+        probs = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                x = self._preprocess(images[start : start + self.batch_size])
+                probs.append(torch.softmax(self.model(x), dim=1))
+        p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
+        idx = p.argmax(axis=1)
+        out = pd.DataFrame({
+            "label": [self.classes[i] for i in idx],
+            "class_index": idx.astype(np.int64),
+            "confidence": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
+        })
+        for i, c in enumerate(self.classes):
+            out[f"prob_{c}"] = p[:, i].astype(np.float64)
+        return out
 
 
 def _signature(ckpt: dict[str, Any], example: np.ndarray) -> ModelSignature:
