@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test install clean-venv
+.PHONY: repro test bench install clean-venv
 
 # The venv is rebuilt when the dependency list or the torch pin changes.
 $(STAMP): pyproject.toml constraints.txt
@@ -31,6 +31,12 @@ endif
 # Tests, all of them (CI runs this). Quick ones only: make test PYTEST_ARGS="-m 'not slow'"
 test: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# CPU benchmarks, side by side with the tutorials' way (needs data/prepared: run the
+# pipeline's split stage first). Results go to benchmarks/results/.
+bench: $(STAMP)
+	$(RUN) $(BIN)/python benchmarks/bench_loader.py
+	$(RUN) $(BIN)/python benchmarks/bench_train.py
 
 clean-venv:
 	rm -rf $(VENV)

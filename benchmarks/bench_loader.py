@@ -81,6 +81,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info(device: torch.device) -> dict:
+    """What the figures were measured on (printed and kept with the results)."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prepared", default="data/prepared", help="the split stage's output folder")
@@ -103,10 +111,7 @@ def main() -> int:
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "torchvision": torchvision.__version__, "python": platform.python_version(),
-               "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-               "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+    machine = machine_info(device)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
           f"torchvision {machine['torchvision']}, device {machine['device']}, load {machine['load_average_at_start']}")
     print(f"command: {command}")

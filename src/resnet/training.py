@@ -76,6 +76,7 @@ __all__ = [
     "fingerprint",
     "evaluate",
     "train_one_epoch",
+    "build_training",
     "find_resume_checkpoint",
     "fit",
 ]
@@ -453,6 +454,25 @@ def find_resume_checkpoint(params: Params, meta: dict[str, Any], out_dir: str | 
     return ckpt
 
 
+def build_training(params: Params, meta: dict[str, Any], device: torch.device, steps_per_epoch: int,
+                   precision: str = "fp32") -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+                              torch.amp.GradScaler, nn.Module]:
+    """Model (on device, channels_last if asked), optimizer, schedule, grad scaler and loss of a run.
+
+    ``precision`` is the one :func:`resolve_precision` settled on (the scaler is for fp16).
+    """
+    tp = params.train
+    model = create_model(params, meta).to(device)
+    if tp.channels_last:
+        check_channels_last(model, device)
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, tp)
+    scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
+    return model, optimizer, scheduler, scaler, criterion
+
+
 def fit(
     params: Params,
     meta: dict[str, Any],
@@ -488,16 +508,9 @@ def fit(
     precision = resolve_precision(tp.precision, device)
     higher_is_better = tp.early_stopping_metric == "val_accuracy"
 
-    # Model, optimizer, schedule, loss.
     seed_everything(tp.seed)
-    model = create_model(params, meta).to(device)
-    if tp.channels_last:
-        check_channels_last(model, device)
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, tp)
-    scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
+    model, optimizer, scheduler, scaler, criterion = build_training(params, meta, device, steps_per_epoch,
+                                                                    precision)
 
     # Run state; everything here goes into the checkpoints.
     history: list[dict[str, float]] = []
