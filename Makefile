@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test bench install clean-venv
+.PHONY: repro test bench retrain install clean-venv
 
 # The venv is rebuilt when the dependency list or the torch pin changes.
 $(STAMP): pyproject.toml constraints.txt
@@ -37,6 +37,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(RUN) $(BIN)/python benchmarks/bench_loader.py
 	$(RUN) $(BIN)/python benchmarks/bench_train.py
+
+# What CI does on a parameter change: rerun the stale stages, report changed params and
+# old vs new metrics against BASE (docs/experiments.md).
+# make retrain BASE=main RETRAIN_ARGS="-S train.lr=0.05 --report report.md"
+BASE ?= main
+retrain: $(STAMP)
+	$(RUN) $(BIN)/python -m resnet.retrain --base $(BASE) $(RETRAIN_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
