@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from resnet.config import CIFAR10_URL, CIFAR100_URL, DataParams
-from resnet.utils import PipelineError, atomic_dir, progress_enabled, read_json, repo_root, workspace_root, write_json
+from resnet.utils import PipelineError, atomic_dir, progress_enabled, read_json, workspace_root, write_json
 
 __all__ = [
     "DataError",
@@ -471,9 +471,11 @@ def _source_kind(source: str) -> tuple[str, str | Path]:
         raise DataError(f"data.source: unsupported URL scheme {parsed.scheme!r} in {source!r}; "
                         f"use https://, http://, file:// or a local path")
     path = Path(source).expanduser()
-    if not path.is_absolute() and not path.exists() and workspace_root() != repo_root():
+    if not path.is_absolute() and not path.exists() and workspace_root() != Path.cwd().resolve():
         # A DVC temporary copy (dvc exp run --temp, queued runs) sits two levels below
-        # .dvc/tmp/exps/: resolve paths the user wrote from the repository itself.
+        # .dvc/tmp/exps/: resolve paths the user wrote from the repository itself. The
+        # stage runs in the copy, but DVC points DVC_ROOT at the repository, so compare
+        # with the working directory, not with repo_root().
         path = workspace_root() / path
     return "path", path
 

