@@ -33,14 +33,20 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_tracking() -> None:
     """No test inherits or leaks an MLflow store or a DVC experiment's variables.
 
-    mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, so one test's store
-    would otherwise become the next test's.
+    mlflow.set_tracking_uri() and set_registry_uri() also export MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI, and the subprocesses a later test starts (dvc, stage scripts)
+    would inherit them: each test starts and ends without these variables.
     """
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        monkeypatch.delenv(var, raising=False)
+    saved = {v: os.environ.pop(v) for v in _ISOLATED_VARS if v in os.environ}
     yield
     mlflow.set_tracking_uri(None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mlflow.set_registry_uri(None)
+    for v in _ISOLATED_VARS:
+        os.environ.pop(v, None)
+    os.environ.update(saved)
+
+
+_ISOLATED_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")

@@ -75,9 +75,30 @@ def store_root() -> Path:
     return workspace_root()
 
 
+# mlflow.set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI /
+# MLFLOW_REGISTRY_URI, to this process and every subprocess it starts. What we exported
+# must not be mistaken for the user's setting the next time round.
+_exported: dict[str, str] = {}
+
+
+def _user_env(name: str) -> str | None:
+    """The user's value of an MLflow variable, ignoring one this module exported itself."""
+    value = os.environ.get(name)
+    return None if value is None or value == _exported.get(name) else value
+
+
+def _point_mlflow_at(uri: str) -> None:
+    """Tracking and (unless the user chose another) registry in the store at ``uri``."""
+    mlflow.set_tracking_uri(uri)
+    _exported["MLFLOW_TRACKING_URI"] = uri
+    registry = _user_env("MLFLOW_REGISTRY_URI") or uri
+    mlflow.set_registry_uri(registry)
+    _exported["MLFLOW_REGISTRY_URI"] = registry
+
+
 def resolve_tracking_uri(params: TrackingParams) -> str:
     """MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///<repo>/mlflow.db."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.uri
+    uri = _user_env("MLFLOW_TRACKING_URI") or params.uri
     if uri:
         return uri
     return f"sqlite:///{store_root() / 'mlflow.db'}"
@@ -85,13 +106,8 @@ def resolve_tracking_uri(params: TrackingParams) -> str:
 
 def _setup(params: TrackingParams) -> str:
     """Point mlflow at the store and return the experiment id (created if missing)."""
-    # Decided before set_tracking_uri, which also exports MLFLOW_TRACKING_URI.
-    embedded = not (os.environ.get("MLFLOW_TRACKING_URI") or params.uri)
-    uri = resolve_tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
-    # The registry lives in the same store unless the user says otherwise.
-    if not os.environ.get("MLFLOW_REGISTRY_URI"):
-        mlflow.set_registry_uri(uri)
+    embedded = not (_user_env("MLFLOW_TRACKING_URI") or params.uri)
+    _point_mlflow_at(resolve_tracking_uri(params))
     exp = mlflow.get_experiment_by_name(params.experiment)
     if exp is not None:
         return exp.experiment_id
@@ -442,9 +458,7 @@ def register_model(run: PipelineRun, model_uri: str, name: str, metric: str,
 def load_pyfunc(model_uri: str, params: TrackingParams | None = None) -> tuple[Any, tuple[int, ...]]:
     """Load a logged model (``models:/name@champion``, ``runs:/...``, a path) and its input shape."""
     uri = resolve_tracking_uri(params or TrackingParams())
-    mlflow.set_tracking_uri(uri)
-    if not os.environ.get("MLFLOW_REGISTRY_URI"):
-        mlflow.set_registry_uri(uri)
+    _point_mlflow_at(uri)
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
