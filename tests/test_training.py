@@ -91,9 +91,9 @@ def make_params(model: dict | None = None, **train: Any) -> Params:
 
 
 def make_loaders(params: Params, meta: dict, n_train: int = 128, n_val: int = 64, size: int = 16,
-                 std: list[float] | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+                 std: list[float] | None = None, device: str = "cpu") -> tuple[DeviceLoader, DeviceLoader]:
     tp = params.train
-    norm = {"mean": meta["mean"], "std": std or meta["std"], "channels_last": tp.channels_last}
+    norm = {"mean": meta["mean"], "std": std or meta["std"], "channels_last": tp.channels_last, "device": device}
     train = DeviceLoader(*quadrant_task(n_train, size, seed=1), tp.batch_size, train=True, augment=tp.augment,
                          seed=tp.seed, **norm)
     val = DeviceLoader(*quadrant_task(n_val, size, seed=2), 64, **norm)
@@ -565,3 +565,43 @@ def test_stage_reports_a_corrupt_last_pt(tmp_path, monkeypatch, caplog) -> None:
     stage = load_stage_module()
     assert stage.main() == 1
     assert "models/last.pt" in caplog.text and "delete it" in caplog.text
+
+
+# ----------------------------------------------------------------------------- CPU speed
+
+
+PAGE_FAULTS_PER_STEP = """
+import resource, sys, torch
+from resnet.models import build_model
+from resnet.training import keep_freed_memory
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+model = build_model("resnet20", num_classes=10, width_multiplier=0.5)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+def step():
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_cpu_training_steps_stop_page_faulting_once_freed_memory_is_kept() -> None:
+    def faults(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], capture_output=True, text=True,
+                             check=True, timeout=120)
+        return float(out.stdout.split()[-1])
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 500, default  # glibc maps and unmaps the activations every step
+    assert kept < default / 20, (default, kept)
