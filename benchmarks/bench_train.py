@@ -9,7 +9,9 @@ resnet.loader.DeviceLoader with the recipe of params.yaml (channels_last, no
 per-step host reads), exactly as the train stage runs it.
 
 Both train the same model from the same data for a fixed number of steps after a
-warm-up; rounds alternate between the two, and the median is reported.
+warm-up; rounds alternate between the two, and the median is reported. They run in
+one process, so process-wide settings (threads, configure_torch's malloc setting)
+apply to both: the ratio is what the loop itself gains.
 
     python benchmarks/bench_train.py [--models resnet20 resnet18] [--steps 30] [--rounds 2]
 
