@@ -29,11 +29,12 @@ import torch
 import yaml
 from bench_loader import machine_info
 
+from resnet.checkpoint import load_checkpoint
 from resnet.config import parse_params
 from resnet.data import load_meta, load_split
 from resnet.loader import DeviceLoader
 from resnet.models import count_parameters
-from resnet.training import configure_torch, fit
+from resnet.training import autocast, configure_torch, fit
 from resnet.utils import setup_logging
 
 
@@ -54,8 +55,7 @@ def test_accuracy(model: torch.nn.Module, loader: DeviceLoader, precision: str) 
     """Top-1 test accuracy, plain and with the mean of the image's and its mirror's logits."""
     model.eval()
     plain = tta = 0
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast(loader.device.type, dtype=dtype, enabled=precision != "fp32"):
+    with autocast(loader.device, precision):
         for x, y in loader:
             logits = model(x).float()
             plain += int((logits.argmax(1) == y).sum())
@@ -99,7 +99,7 @@ def main() -> int:
             t0 = time.perf_counter()
             result = fit(params, meta, train, val, tmp)
             wall = time.perf_counter() - t0
-            best = torch.load(Path(tmp) / "best.pt", map_location=device, weights_only=True)
+            best = load_checkpoint(Path(tmp) / "best.pt", map_location=device)
         model = result.model
         last_plain, last_tta = test_accuracy(model, test, result.precision)
         model.load_state_dict(best["model"])

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import yaml
 
-from resnet.utils import PipelineError, setup_logging
+from resnet.utils import PipelineError, flatten, setup_logging
 
 __all__ = [
     "MISSING",
@@ -166,26 +166,6 @@ class Report:
 
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to dotted keys: ``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``.
-
-    Lists stay values (``train.milestones: [5, 8]``), as ``dvc params diff`` shows them.
-    An empty mapping is kept as a value too, so a section that was emptied still differs.
-    """
-    if not isinstance(obj, Mapping):
-        return {prefix: obj} if prefix else {}
-    if not obj and prefix:
-        return {prefix: {}}
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -344,23 +324,28 @@ def _cell(value: Any) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else "`\"\"`"
 
 
-def _num(value: float | _Missing) -> str:
-    if isinstance(value, _Missing):
-        return DASH
+def _number(value: float, sign: str = "") -> str:
+    """Integers as integers; four decimals for accuracies and losses, one for throughputs and seconds."""
     if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    # Four decimals for accuracies and losses; throughputs and seconds need fewer.
-    return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+        return f"{int(value):{sign}d}"
+    return f"{value:{sign}.4f}" if abs(value) < 100 else f"{value:{sign}.1f}"
+
+
+def _num(value: float | _Missing) -> str:
+    return DASH if isinstance(value, _Missing) else _number(value)
 
 
 def _delta(d: float | None) -> str:
     if d is None:
         return ""
-    if d == 0:
-        return "0"
-    if float(d).is_integer() and abs(d) < 1e15:
-        return f"{int(d):+d}"
-    return f"{d:+.4f}" if abs(d) < 100 else f"{d:+.1f}"
+    return "0" if d == 0 else _number(d, "+")
+
+
+def _param_cell(value: Any, hide: bool) -> str:
+    """A parameter value for the report: a dash when absent, stars when redacted, URLs without credentials."""
+    if isinstance(value, _Missing):
+        return DASH
+    return "`***`" if hide else _cell(redact(value))
 
 
 def _short(commit: str) -> str:
@@ -411,9 +396,7 @@ def format_report(report: Report) -> str:
         lines += ["| parameter | old | new |", "| --- | --- | --- |"]
         for c in report.params:
             hide = c.key in report.redact_keys
-            old = DASH if isinstance(c.old, _Missing) else "`***`" if hide else _cell(redact(c.old))
-            new = DASH if isinstance(c.new, _Missing) else "`***`" if hide else _cell(redact(c.new))
-            lines.append(f"| {c.key} | {old} | {new} |")
+            lines.append(f"| {c.key} | {_param_cell(c.old, hide)} | {_param_cell(c.new, hide)} |")
     else:
         lines.append(f"None: params.yaml is the same as at `{report.base}`.")
     lines.append("")

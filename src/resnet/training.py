@@ -59,7 +59,7 @@ from resnet.checkpoint import (
 from resnet.config import ConfigError, Params, TrainParams
 from resnet.loader import DeviceLoader
 from resnet.models import ResNet, build_model
-from resnet.utils import PipelineError, progress_enabled, resolve_device, seed_everything
+from resnet.utils import PipelineError, flatten, progress_enabled, resolve_device, seed_everything
 
 __all__ = [
     "TrainingError",
@@ -69,6 +69,7 @@ __all__ = [
     "configure_torch",
     "keep_freed_memory",
     "resolve_precision",
+    "autocast",
     "arch_from",
     "create_model",
     "check_channels_last",
@@ -182,7 +183,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def _autocast(device: torch.device, precision: str) -> torch.autocast:
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16/fp16 autocast on ``device`` for a precision from :func:`resolve_precision`; a no-op for fp32."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
 
@@ -293,6 +295,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tp, steps_per_epoch))
 
 
+def build_training(
+    params: Params, meta: dict[str, Any], device: torch.device, steps_per_epoch: int, precision: str = "fp32"
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler, nn.Module]:
+    """Model (on device, channels_last if asked), optimizer, schedule, grad scaler and loss of a run.
+
+    ``precision`` is the one :func:`resolve_precision` settled on (the scaler is for fp16).
+    """
+    tp = params.train
+    model = create_model(params, meta).to(device)
+    if tp.channels_last:
+        check_channels_last(model, device)
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, tp)
+    scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
+    return model, optimizer, scheduler, scaler, criterion
+
+
 # ----------------------------------------------------------------------------- resume helpers
 
 
@@ -338,20 +359,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py_version, tuple(py_state), py_gauss))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _explain_mismatch(ckpt: dict[str, Any], params: Params, meta: dict[str, Any]) -> str:
     """Which params or data facts differ between a checkpoint and this run, for the log."""
-    old = _flatten({k: ckpt["params"].get(k, {}) for k in ("model", "train")})
-    new = _flatten(_recipe(params))
+    old = flatten({k: ckpt["params"].get(k, {}) for k in ("model", "train")})
+    new = flatten(_recipe(params))
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
     if ckpt.get("data_identity") != _data_identity(meta):
         changed.append("the prepared data (source_sha256 or counts)")
@@ -368,7 +379,7 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision: str = "fp32") ->
     loss_sum = torch.zeros((), device=loader.device)
     correct = torch.zeros((), dtype=torch.int64, device=loader.device)
     seen = 0
-    with torch.inference_mode(), _autocast(loader.device, precision):
+    with torch.inference_mode(), autocast(loader.device, precision):
         for x, y in loader:
             logits = model(x)
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
@@ -408,7 +419,7 @@ def train_one_epoch(
                disable=not progress_enabled())
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader):
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = model(x)
             loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -478,25 +489,6 @@ def find_resume_checkpoint(params: Params, meta: dict[str, Any], out_dir: str | 
         return None
     log.info("resuming from %s at epoch %d/%d", path, ckpt["epoch"], params.train.epochs)
     return ckpt
-
-
-def build_training(params: Params, meta: dict[str, Any], device: torch.device, steps_per_epoch: int,
-                   precision: str = "fp32") -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
-                              torch.amp.GradScaler, nn.Module]:
-    """Model (on device, channels_last if asked), optimizer, schedule, grad scaler and loss of a run.
-
-    ``precision`` is the one :func:`resolve_precision` settled on (the scaler is for fp16).
-    """
-    tp = params.train
-    model = create_model(params, meta).to(device)
-    if tp.channels_last:
-        check_channels_last(model, device)
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, tp)
-    scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
-    return model, optimizer, scheduler, scaler, criterion
 
 
 def fit(

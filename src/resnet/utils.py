@@ -10,7 +10,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "atomic_dir",
     "write_json",
     "read_json",
+    "flatten",
     "setup_logging",
     "seed_everything",
     "resolve_device",
@@ -94,6 +95,26 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys: ``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``.
+
+    Lists stay values (``train.milestones: [5, 8]``), as ``dvc params diff`` shows them.
+    An empty mapping is kept as a value too, so a section that was emptied still differs.
+    """
+    if not isinstance(obj, Mapping):
+        return {prefix: obj} if prefix else {}
+    if not obj and prefix:
+        return {prefix: {}}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
 
 
 def setup_logging(level: int = logging.INFO) -> None:
