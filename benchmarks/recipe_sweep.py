@@ -6,7 +6,7 @@ tells which recipes are worth a long run on a slow one (the 2-core CPU). Each va
 is trained with resnet.training.fit exactly as the train stage does, then evaluated
 on the test split, plainly and with horizontal-flip test-time augmentation.
 
-    python benchmarks/recipe_sweep.py --sweep benchmarks/sweeps/cpu-15min.yaml [--prepared data/prepared]
+    python benchmarks/recipe_sweep.py --sweep benchmarks/sweeps/cpu-short.yaml [--prepared data/prepared]
         [--params params.yaml] [--device auto] [--only NAME ...] [--out results.jsonl]
 
 The sweep file maps variant names to overrides of params.yaml in `dvc exp run -S`

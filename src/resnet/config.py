@@ -20,7 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from resnet.models import MODEL_OPTIONS, SHORTCUTS, STEMS, list_models
-from resnet.utils import PipelineError
+from resnet.utils import PipelineError, flatten
 
 __all__ = [
     "ConfigError",
@@ -322,14 +322,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw)
 
 
-def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+def to_flat_dict(obj: Any) -> dict[str, Any]:
     """Flatten a params dataclass into {'train.lr': 0.1, 'train.augment.flip': True, ...}."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            out.update(to_flat_dict(value, key + "."))
-        else:
-            out[key] = value
-    return out
+    return flatten(dataclasses.asdict(obj))

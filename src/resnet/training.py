@@ -159,8 +159,8 @@ def keep_freed_memory() -> bool:
     blocks that large with mmap and unmaps them on free, so every step page-faults its
     whole working set in again: about 4,500 page faults a step for resnet20 at batch 128
     here, and 2-5% of the step time. With both thresholds raised, freed blocks stay in
-    the heap and the next step reuses them. Returns False, and changes nothing, where
-    the C library is not glibc.
+    the heap and the next step reuses them. Returns whether glibc took both settings:
+    False, with the default allocator left as it is, where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
