@@ -1,31 +1,77 @@
-"""params.yaml validation: every mistake stops with a message naming the key."""
+"""params.yaml validation: params.yaml is the one source of every value, and every mistake stops
+with one message naming the key, before any work."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from paramsets import PARAMS_FILE, repo_params
 
-from resnet.config import ConfigError, Params, load_params, parse_params, to_flat_dict
+from resnet.config import ConfigError, Params, load_params, override, parse_params, to_flat_dict
+from resnet.utils import flatten
 
-REPO = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load(PARAMS_FILE.read_text())
 
 
-def test_repository_params_yaml_is_valid_and_complete() -> None:
-    """The shipped params.yaml names every key explicitly (no hidden defaults)."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = load_params(REPO / "params.yaml")
-    flat_defaults = to_flat_dict(Params())
-    flat_file = to_flat_dict(params)
-    assert flat_file.keys() == flat_defaults.keys()
-    for section, values in raw.items():
-        for key in values:
-            assert f"{section}.{key}" in flat_file or any(k.startswith(f"{section}.{key}.") for k in flat_file)
+def _leaf_and_section_keys(obj: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in obj.items():
+        key = f"{prefix}.{k}" if prefix else k
+        keys.append(key)
+        if isinstance(v, dict):
+            keys += _leaf_and_section_keys(v, key)
+    return keys
+
+
+def _without(key: str) -> dict:
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    *parents, leaf = key.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    del node[leaf]
+    return raw
+
+
+def test_the_params_dataclasses_have_no_defaults_of_their_own() -> None:
+    """The recipe lives in params.yaml only: no field can fall back to a value written in the code."""
+    def fields(cls: type) -> list[dataclasses.Field]:
+        out = []
+        for f in dataclasses.fields(cls):
+            out.append(f)
+            if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+                out += fields(f.type)
+        return out
+
+    with_default = [f.name for f in fields(Params)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert with_default == []
+    with pytest.raises(TypeError):
+        Params()  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("key", _leaf_and_section_keys(RAW))
+def test_every_key_of_params_yaml_is_required(key: str) -> None:
+    """Deleting any key (or section) is an error naming it, not a silent change of recipe."""
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{key}: missing from params.yaml")):
+        parse_params(_without(key))
+
+
+def test_repository_params_yaml_loads_value_for_value() -> None:
+    params = load_params(PARAMS_FILE)
+    flat_file, flat_params = flatten(RAW), to_flat_dict(params)
+    assert flat_file.keys() == flat_params.keys()
+    for key, value in flat_file.items():
+        assert flat_params[key] == value, key
 
 
 def _with(section: str, key: str, value: object) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
     raw[section][key] = value
     return raw
 
@@ -60,14 +106,14 @@ def test_unknown_key_is_an_error_listing_valid_keys() -> None:
     raw = _with("train", "learning_rate", 0.1)
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\] in section 'train'.*'lr'"):
         parse_params(raw)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
     raw["trian"] = {}
     with pytest.raises(ConfigError, match="trian"):
         parse_params(raw)
 
 
 def test_nested_augment_section_is_validated() -> None:
-    raw = _with("train", "augment", {"crop_padding": -1})
+    raw = _with("train", "augment", {"crop_padding": -1, "flip": True, "cutout": 0})
     with pytest.raises(ConfigError, match=r"train\.augment\.crop_padding"):
         parse_params(raw)
 
@@ -77,28 +123,71 @@ def test_yaml_exponent_without_dot_is_read_as_a_number() -> None:
     assert parse_params(_with("train", "weight_decay", "5e-4")).train.weight_decay == pytest.approx(5e-4)
 
 
-def test_cross_field_rules() -> None:
-    raw = _with("train", "schedule", "multistep")
-    raw["train"]["milestones"] = []
-    with pytest.raises(ConfigError, match="train.milestones"):
-        parse_params(raw)
-    raw["train"]["milestones"] = [3, 1000]
-    with pytest.raises(ConfigError, match="train.milestones"):
-        parse_params(raw)
-    with pytest.raises(ConfigError, match="model.freeze_backbone"):
-        parse_params(_with("model", "freeze_backbone", True))
-    with pytest.raises(ConfigError, match="data.sha256"):
-        parse_params(_with("data", "sha256", "abc"))
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"train.schedule": "multistep", "train.milestones": []}, r"^train\.milestones: \[\] must be"),
+        ({"train.schedule": "multistep", "train.milestones": [3, 1000]}, r"^train\.milestones: \[3, 1000\]"),
+        ({"train.schedule": "multistep", "train.milestones": [3, 3]}, r"^train\.milestones: \[3, 3\]"),
+        ({"train.milestones": [5]}, r"^train\.milestones: \[5\] only applies to train\.schedule multistep"),
+        ({"train.warmup_epochs": 15.0}, r"^train\.warmup_epochs: 15\.0 must be below train\.epochs \(15\)"),
+        ({"model.freeze_backbone": True}, r"^model\.freeze_backbone: true needs model\.pretrained"),
+        ({"model.pretrained": "no/such/checkpoint.pt"}, r"^model\.pretrained: 'no/such/checkpoint\.pt' is not a file"),
+        ({"data.sha256": "abc"}, r"^data\.sha256: 'abc' is not a 64-character"),
+        # Caught by build_model / the optimizer / the device before; now when params load.
+        ({"model.stem": "imagenet"}, r"^model\.stem: 'imagenet' does not apply to resnet20"),
+        ({"model.stem": "cifar", "model.name": "resnet56"}, None),
+        ({"train.momentum": 0.0}, r"^train\.nesterov: true needs train\.momentum > 0"),
+        ({"train.momentum": 0.0, "train.optimizer": "adamw"}, None),
+        ({"model.width_multiplier": 0.25}, r"^train\.channels_last: true on CPU cannot train this model: the 1x1 "
+                                            r"stride-2 convolution layer2\.0\.downsample\.0 has 4 input channels"),
+        ({"model.width_multiplier": 0.25, "train.channels_last": False, "train.compile": True},
+         r"^train\.compile: true on CPU"),
+        ({"model.width_multiplier": 0.25, "model.shortcut": "A"}, None),
+    ],
+)
+def test_cross_field_rules(changes: dict, message: str | None) -> None:
+    if torch.cuda.is_available() and "layer2" in (message or "") + str(changes):
+        pytest.skip("the NHWC rule is for CPU training; this machine has a GPU")
+    base = load_params(PARAMS_FILE)
+    if message is None:
+        override(base, changes)
+        return
+    with pytest.raises(ConfigError, match=message):
+        override(base, changes)
 
 
-def test_missing_or_broken_file(tmp_path: Path) -> None:
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_refused_when_params_load() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.device: 'cuda' but no CUDA GPU is available"):
+        repo_params({"train.device": "cuda"})
+
+
+def test_missing_empty_or_broken_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    (tmp_path / "params.yaml").write_text("")
+    with pytest.raises(ConfigError, match="params.yaml is empty"):
         load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 2, column 1: .*; fix the syntax") as info:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(info.value)
+    (tmp_path / "params.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_override_changes_dotted_keys_and_validates() -> None:
+    params = repo_params({"train.lr": 0.05, "train.augment.cutout": 8})
+    assert params.train.lr == 0.05 and params.train.augment.cutout == 8
+    with pytest.raises(ConfigError, match=r"train\.lrr: no such key"):
+        repo_params({"train.lrr": 0.05})
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        repo_params({"train.lr": -1})
 
 
 def test_flat_dict_is_what_mlflow_logs() -> None:
-    flat = to_flat_dict(Params())
-    assert flat["train.lr"] == 0.1 and flat["train.augment.flip"] is True and flat["model.name"] == "resnet20"
+    flat = to_flat_dict(load_params(PARAMS_FILE))
+    assert flat["train.lr"] == RAW["train"]["lr"] and flat["train.augment.flip"] is True
+    assert flat["model.name"] == "resnet20"

@@ -35,6 +35,7 @@ __all__ = [
     "Params",
     "load_params",
     "parse_params",
+    "override",
     "to_flat_dict",
     "CIFAR10_URL",
     "CIFAR100_URL",
@@ -48,52 +49,53 @@ class ConfigError(PipelineError, ValueError):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 
-def _opt(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
-         gt: float | None = None, le: float | None = None, lt: float | None = None,
-         help: str = "") -> Any:
-    """A dataclass field with its validation rules in metadata."""
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+def _opt(*, choices: tuple | None = None, ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None, help: str = "") -> Any:
+    """A required field with its validation rules in metadata (the value comes from params.yaml)."""
+    return field(metadata={"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help})
+
+
+def _section() -> Any:
+    """A nested section: required too, validated key by key."""
+    return field(metadata={})
 
 
 @dataclass
 class DataParams:
     """`data` section: where the images come from and how they are split."""
 
-    dataset: str = _opt("cifar10", choices=("cifar10", "cifar100", "imagefolder"))
+    dataset: str = _opt(choices=("cifar10", "cifar100", "imagefolder"))
     # URL (http, https, file://) or local path of the archive; for imagefolder also a directory.
-    source: str = _opt(CIFAR10_URL)
+    source: str = _opt()
     # Expected sha256 of the archive; null uses the known checksum of the official archives.
-    sha256: str | None = _opt(None)
-    val_fraction: float = _opt(0.1, gt=0.0, lt=1.0)
+    sha256: str | None = _opt()
+    val_fraction: float = _opt(gt=0.0, lt=1.0)
     # Only for image folders without a test split: the fraction carved from train for test.
-    test_fraction: float = _opt(0.2, gt=0.0, lt=1.0)
-    seed: int = _opt(0, ge=0)
+    test_fraction: float = _opt(gt=0.0, lt=1.0)
+    seed: int = _opt(ge=0)
     # Resize every image to image_size x image_size (null keeps the native size).
-    image_size: int | None = _opt(None, ge=8, le=1024)
+    image_size: int | None = _opt(ge=8, le=1024)
     # 3 = RGB, 1 = grayscale; images are converted on decode.
-    channels: int = _opt(3, choices=(1, 3))
+    channels: int = _opt(choices=(1, 3))
     # Cap on images per class in the train(+val) pool, for quick runs (null = all).
-    max_per_class: int | None = _opt(None, ge=1)
+    max_per_class: int | None = _opt(ge=1)
     # Seconds to wait for a network source before failing with a clear error.
-    timeout: float = _opt(15.0, gt=0.0)
+    timeout: float = _opt(gt=0.0)
 
 
 @dataclass
 class ModelParams:
     """`model` section: which ResNet, built by name."""
 
-    name: str = _opt("resnet20", choices=tuple(list_models()))
-    stem: str | None = _opt(None, choices=(None, *STEMS))
-    shortcut: str = _opt("B", choices=SHORTCUTS)
-    width_multiplier: float = _opt(1.0, gt=0.0, le=16.0)
-    zero_init_residual: bool = _opt(False)
+    name: str = _opt(choices=tuple(list_models()))
+    stem: str | None = _opt(choices=(None, *STEMS))
+    shortcut: str = _opt(choices=SHORTCUTS)
+    width_multiplier: float = _opt(gt=0.0, le=16.0)
+    zero_init_residual: bool = _opt()
     # Fine-tuning: a local checkpoint (ours or a torchvision ResNet state dict) to start from.
-    pretrained: str | None = _opt(None)
+    pretrained: str | None = _opt()
     # With pretrained: train only the classifier head.
-    freeze_backbone: bool = _opt(False)
+    freeze_backbone: bool = _opt()
 
     def build_options(self) -> dict[str, Any]:
         """The keyword options build_model takes."""
@@ -105,73 +107,73 @@ class ModelParams:
 class AugmentParams:
     """`train.augment`: batch augmentation done on the training device."""
 
-    crop_padding: int = _opt(4, ge=0, le=64)
-    flip: bool = _opt(True)
+    crop_padding: int = _opt(ge=0, le=64)
+    flip: bool = _opt()
     # Side of the square cutout (DeVries & Taylor 2017); 0 disables it.
-    cutout: int = _opt(0, ge=0, le=256)
+    cutout: int = _opt(ge=0, le=256)
 
 
 @dataclass
 class TrainParams:
     """`train` section: the recipe."""
 
-    epochs: int = _opt(30, ge=1)
-    batch_size: int = _opt(128, ge=1)
-    optimizer: str = _opt("sgd", choices=("sgd", "adamw"))
-    lr: float = _opt(0.1, gt=0.0)
-    momentum: float = _opt(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = _opt(True)
-    weight_decay: float = _opt(5e-4, ge=0.0)
+    epochs: int = _opt(ge=1)
+    batch_size: int = _opt(ge=1)
+    optimizer: str = _opt(choices=("sgd", "adamw"))
+    lr: float = _opt(gt=0.0)
+    momentum: float = _opt(ge=0.0, lt=1.0)
+    nesterov: bool = _opt()
+    weight_decay: float = _opt(ge=0.0)
     # Exclude BatchNorm weights and biases from weight decay.
-    no_decay_norm_bias: bool = _opt(True)
-    schedule: str = _opt("onecycle", choices=("cosine", "onecycle", "multistep", "constant"))
+    no_decay_norm_bias: bool = _opt()
+    schedule: str = _opt(choices=("cosine", "onecycle", "multistep", "constant"))
     # multistep: epochs at which the learning rate is multiplied by gamma.
-    milestones: list[int] = _opt([], help="epochs, for schedule=multistep")
-    gamma: float = _opt(0.1, gt=0.0, le=1.0)
+    milestones: list[int] = _opt(help="epochs, for schedule=multistep")
+    gamma: float = _opt(gt=0.0, le=1.0)
     # Linear warm-up from lr/10 over this many epochs (cosine, multistep, constant).
-    warmup_epochs: float = _opt(0.0, ge=0.0)
-    label_smoothing: float = _opt(0.0, ge=0.0, lt=1.0)
+    warmup_epochs: float = _opt(ge=0.0)
+    label_smoothing: float = _opt(ge=0.0, lt=1.0)
     # Clip the global gradient norm to this value (null = no clipping).
-    grad_clip: float | None = _opt(None, gt=0.0)
-    precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"))
-    channels_last: bool = _opt(False)
-    compile: bool = _opt(False)
-    seed: int = _opt(0, ge=0)
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    grad_clip: float | None = _opt(gt=0.0)
+    precision: str = _opt(choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = _opt()
+    compile: bool = _opt()
+    seed: int = _opt(ge=0)
+    device: str = _opt(choices=("auto", "cpu", "cuda"))
     # CPU threads for torch (0 = all cores).
-    num_threads: int = _opt(0, ge=0)
-    eval_every: int = _opt(1, ge=1)
-    early_stopping_metric: str = _opt("val_accuracy", choices=("val_accuracy", "val_loss"))
+    num_threads: int = _opt(ge=0)
+    eval_every: int = _opt(ge=1)
+    early_stopping_metric: str = _opt(choices=("val_accuracy", "val_loss"))
     # Stop after this many evaluations without improvement (0 = never stop early).
-    early_stopping_patience: int = _opt(0, ge=0)
-    augment: AugmentParams = field(default_factory=AugmentParams)
+    early_stopping_patience: int = _opt(ge=0)
+    augment: AugmentParams = _section()
 
 
 @dataclass
 class ValidateParams:
     """`validate` section: evaluation of a checkpoint on the validation split."""
 
-    checkpoint: str = _opt("best", choices=("best", "last"))
-    batch_size: int = _opt(500, ge=1)
+    checkpoint: str = _opt(choices=("best", "last"))
+    batch_size: int = _opt(ge=1)
 
 
 @dataclass
 class EvaluateParams:
     """`evaluate` section: the final model on the test split."""
 
-    checkpoint: str = _opt("best", choices=("best", "last"))
-    batch_size: int = _opt(500, ge=1)
+    checkpoint: str = _opt(choices=("best", "last"))
+    batch_size: int = _opt(ge=1)
     # How many misclassified test images the PNG grid shows.
-    misclassified_examples: int = _opt(36, ge=0, le=400)
+    misclassified_examples: int = _opt(ge=0, le=400)
 
 
 @dataclass
 class RegisterParams:
     """`register` section: the MLflow Model Registry."""
 
-    model_name: str = _opt("cifar10-resnet")
+    model_name: str = _opt()
     # Test metric that decides whether the new version becomes the champion.
-    metric: str = _opt("test_accuracy", choices=("test_accuracy", "test_top5_accuracy"))
+    metric: str = _opt(choices=("test_accuracy", "test_top5_accuracy"))
 
 
 @dataclass
@@ -179,21 +181,21 @@ class TrackingParams:
     """`tracking` section: where MLflow writes (MLFLOW_TRACKING_URI overrides uri)."""
 
     # null = SQLite store mlflow.db and artifacts mlartifacts/ at the repository root.
-    uri: str | None = _opt(None)
-    experiment: str = _opt("resnet-pipeline")
+    uri: str | None = _opt()
+    experiment: str = _opt()
 
 
 @dataclass
 class Params:
     """The whole params.yaml."""
 
-    data: DataParams = field(default_factory=DataParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    validate: ValidateParams = field(default_factory=ValidateParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    register: RegisterParams = field(default_factory=RegisterParams)
-    tracking: TrackingParams = field(default_factory=TrackingParams)
+    data: DataParams = _section()
+    model: ModelParams = _section()
+    train: TrainParams = _section()
+    validate: ValidateParams = _section()
+    evaluate: EvaluateParams = _section()
+    register: RegisterParams = _section()
+    tracking: TrackingParams = _section()
 
 
 def _type_name(tp: Any) -> str:
@@ -265,16 +267,21 @@ def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Instantiate dataclass cls from a mapping, validating every key."""
-    if raw is None:
-        raw = {}
+    """Instantiate dataclass cls from a mapping, validating every key; every field is required."""
+    where = f"section '{prefix}'" if prefix else "params.yaml"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{prefix or 'params.yaml'}: expected a mapping of keys, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        where = f"section '{prefix}'" if prefix else "params.yaml"
         raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys are {sorted(fields)}")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        # params.yaml is the one source of the recipe: a key that is gone must not fall back to anything.
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        more = f" (also missing: {missing[1:]})" if missing[1:] else ""
+        raise ConfigError(f"{key}: missing from params.yaml{more}; add it back (`git show HEAD:params.yaml` "
+                          "has every key)")
     hints = get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -285,19 +292,73 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def _check_cross_field(p: Params) -> None:
-    """Rules that involve more than one key."""
-    if p.train.schedule == "multistep":
-        ms = p.train.milestones
-        if not ms or sorted(ms) != ms or ms[0] < 1 or ms[-1] > p.train.epochs:
+def _check_schedule(t: TrainParams) -> None:
+    if t.schedule == "multistep":
+        ms = t.milestones
+        if not ms or sorted(set(ms)) != ms or ms[0] < 1 or ms[-1] > t.epochs:
             raise ConfigError(
-                f"train.milestones: {ms!r} must be a non-empty increasing list of epochs within "
-                f"1..train.epochs ({p.train.epochs}) when train.schedule is multistep"
+                f"train.milestones: {ms!r} must be a non-empty strictly increasing list of epochs within "
+                f"1..train.epochs ({t.epochs}) when train.schedule is multistep"
             )
-    if p.train.warmup_epochs >= p.train.epochs:
-        raise ConfigError(f"train.warmup_epochs: {p.train.warmup_epochs} must be below train.epochs ({p.train.epochs})")
-    if p.model.freeze_backbone and not p.model.pretrained:
+    elif t.milestones:
+        raise ConfigError(f"train.milestones: {t.milestones!r} only applies to train.schedule multistep "
+                          f"(it is {t.schedule!r}); set milestones: [] or schedule: multistep")
+    if t.warmup_epochs >= t.epochs:
+        raise ConfigError(f"train.warmup_epochs: {t.warmup_epochs} must be below train.epochs ({t.epochs})")
+    if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
+        raise ConfigError("train.nesterov: true needs train.momentum > 0 (it is 0.0); set a momentum such as 0.9, "
+                          "or nesterov: false")
+
+
+def _check_device(t: TrainParams) -> str:
+    """The device type train.device resolves to here; 'cuda' without a GPU is an error."""
+    import torch
+
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' but no CUDA GPU is available here; set it to 'auto' or 'cpu'")
+    return "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def _check_model(p: Params) -> None:
+    """Build the model on torch's meta device (no memory, no compute) to catch what only building shows."""
+    import torch
+
+    from resnet.models import ARCHITECTURES, build_model, narrow_strided_convs
+
+    m = p.model
+    family = ARCHITECTURES[m.name].family
+    if family == "cifar" and m.stem not in (None, "cifar"):
+        raise ConfigError(f"model.stem: {m.stem!r} does not apply to {m.name}, a CIFAR-family model with a fixed "
+                          "3x3 stem; set model.stem: null (stems are for resnet18/34/50/101/152)")
+    if m.freeze_backbone and not m.pretrained:
         raise ConfigError("model.freeze_backbone: true needs model.pretrained (a checkpoint path) to start from")
+    if m.pretrained and not Path(m.pretrained).is_file():
+        raise ConfigError(f"model.pretrained: {m.pretrained!r} is not a file; give the path of a checkpoint "
+                          "(ours or a torchvision ResNet state dict), or null to train from scratch")
+    try:
+        with torch.device("meta"):
+            model = build_model(m.name, 10, p.data.channels, **m.build_options())
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    # oneDNN's NHWC backward of narrow 1x1 stride-2 convolutions crashes or computes wrong gradients on CPU
+    # (uxlfoundation/oneDNN#6035); torch.compile's CPU backend picks NHWC for convolutions too.
+    nhwc = [k for k, on in (("train.channels_last", p.train.channels_last), ("train.compile", p.train.compile)) if on]
+    narrow = narrow_strided_convs(model) if nhwc and not m.freeze_backbone else []
+    if narrow and _check_device(p.train) == "cpu":
+        name, channels = narrow[0]
+        raise ConfigError(
+            f"{nhwc[0]}: true on CPU cannot train this model: the 1x1 stride-2 convolution {name} has {channels} "
+            "input channels (< 16), which oneDNN's NHWC backward pass mishandles (crash, hang or wrong gradients; "
+            f"uxlfoundation/oneDNN#6035); set {nhwc[0]}: false, or use model.shortcut: A or a larger "
+            "model.width_multiplier"
+        )
+
+
+def _check_cross_field(p: Params) -> None:
+    """Rules that involve more than one key, or what a value means on this machine."""
+    _check_schedule(p.train)
+    _check_device(p.train)
+    _check_model(p)
     if p.data.sha256 is not None and (len(p.data.sha256) != 64 or
                                       any(c not in "0123456789abcdef" for c in p.data.sha256.lower())):
         raise ConfigError(f"data.sha256: {p.data.sha256!r} is not a 64-character hex sha256 digest")
@@ -305,6 +366,9 @@ def _check_cross_field(p: Params) -> None:
 
 def parse_params(raw: Any) -> Params:
     """Validate a parsed params mapping (as read from YAML) into :class:`Params`."""
+    if raw is None:
+        raise ConfigError("params.yaml is empty; it must hold every section (data, model, train, validate, "
+                          "evaluate, register, tracking): restore it, e.g. `git checkout params.yaml`")
     params = _build(Params, raw, "")
     _check_cross_field(params)
     return params
@@ -318,7 +382,26 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ConfigError(f"{path} not found; run from the repository root or pass the path to params.yaml") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix the syntax") from None
+    return parse_params(raw)
+
+
+def override(params: Params, changes: typing.Mapping[str, Any]) -> Params:
+    """A copy of params with dotted keys changed (``{"train.lr": 0.05}``), validated like params.yaml."""
+    raw = dataclasses.asdict(params)
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: no such section in params.yaml")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"{key}: no such key in params.yaml; valid keys are {sorted(node)}")
+        node[leaf] = value
     return parse_params(raw)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "ArchSpec",
     "ARCHITECTURES",
     "STEMS",
+    "narrow_strided_convs",
     "SHORTCUTS",
     "list_models",
     "build_model",
@@ -349,6 +350,19 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
         shortcut=shortcut,
         zero_init_residual=bool(zero_init_residual),
     )
+
+
+def narrow_strided_convs(model: nn.Module, min_channels: int = 16) -> list[tuple[str, int]]:
+    """Trainable 1x1 stride-2 convolutions with fewer than ``min_channels`` inputs: (module name, in_channels).
+
+    oneDNN's NHWC backward pass of such a convolution overruns a workspace when its input has fewer
+    channels than the CPU's vector block (8 with AVX2, 16 with AVX-512): uxlfoundation/oneDNN#6035.
+    Narrow models (width_multiplier < 1 with shortcut B) have them; params validation refuses
+    channels_last and torch.compile on CPU for those.
+    """
+    return [(name, m.in_channels) for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+            and m.in_channels < min_channels and m.weight.requires_grad]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -117,8 +117,12 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: Other libraries' loggers that entry points turn down to warnings.
+QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client")
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log lines with a timestamp to stderr (what the stage scripts call first)."""
+    """Process-wide logging for an entry point: timestamped lines on stderr, other libraries quieter."""
     # Not force=True: where handlers exist already (pytest's log capture) they stay.
     logging.basicConfig(
         level=level,
@@ -126,6 +130,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # MLflow's own chatter (alembic migrations, "View run ..." lines) drowns the stage logs.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def progress_enabled() -> bool:
@@ -145,7 +152,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is available; set it to 'auto' or 'cpu'")
+        raise PipelineError("train.device is 'cuda' but no CUDA GPU is available; set it to 'auto' or 'cpu'")
     return torch.device(name)
 
 
