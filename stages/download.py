@@ -3,13 +3,14 @@
 import sys
 
 from resnet.config import Params
+from resnet import paths
 from resnet.data import download
 from resnet.stage import run_stage
 
 
 def run(params: Params) -> None:
     # Built aside and swapped in whole: a failure leaves no data/raw behind.
-    download(params.data, "data/raw")
+    download(params.data, paths.RAW)
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from resnet import tracking
+from resnet import paths, tracking
 from resnet.config import ConfigError, Params
 from resnet.data import load_split
 from resnet.stage import run_stage
@@ -16,28 +16,24 @@ from resnet.utils import read_json, write_json
 
 log = logging.getLogger("stages.register")
 
-PREPARED = Path("data/prepared")
-RUN_FILE = Path("models/run.json")
-TEST_METRICS = Path("metrics/test.json")
-OUT = Path("metrics/register.json")
 
 
 def run(params: Params) -> None:
-    test = read_json(TEST_METRICS)
+    test = read_json(paths.TEST_METRICS)
     metrics = {k: v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if params.register.metric not in metrics:
-        raise ConfigError(f"register.metric: {params.register.metric!r} is not in {TEST_METRICS} "
+        raise ConfigError(f"register.metric: {params.register.metric!r} is not in {paths.TEST_METRICS} "
                           f"(it has {sorted(metrics)}); rerun the evaluate stage")
     # Register exactly the checkpoint the evaluate stage measured.
     checkpoint = Path(test["checkpoint"])
-    example, _ = load_split(PREPARED, "test")
-    with tracking.continue_run(params, RUN_FILE) as mlrun:
+    example, _ = load_split(paths.PREPARED, "test")
+    with tracking.continue_run(params, paths.RUN_FILE) as mlrun:
         model_uri = tracking.log_model(mlrun, checkpoint, example[:2])
         result = tracking.register_model(mlrun, model_uri, params.register.model_name,
                                          params.register.metric, metrics)
         mlrun.set_tags({"registered_model": f"{result['model_name']}/{result['version']}",
                         "registered_alias": result["alias"]})
-    write_json(OUT, result)
+    write_json(paths.REGISTER_RESULT, result)
     log.info("models:/%s@%s is version %s", result["model_name"], result["alias"], result["version"])
 
 

@@ -3,13 +3,14 @@
 import sys
 
 from resnet.config import Params
+from resnet import paths
 from resnet.data import prepare
 from resnet.stage import run_stage
 
 
 def run(params: Params) -> None:
     # Written aside and swapped in whole (atomic_dir inside prepare).
-    prepare("data/raw", "data/prepared", params.data)
+    prepare(paths.RAW, paths.PREPARED, params.data)
 
 
 def main() -> int:

@@ -16,7 +16,9 @@ from PIL import Image
 
 from resnet import tracking
 from resnet.checkpoint import save_checkpoint
-from resnet.config import Params, to_flat_dict
+from paramsets import repo_params
+
+from resnet.config import to_flat_dict
 from resnet.models import build_model
 
 CLASSES = ["cat", "dog", "ship"]
@@ -52,14 +54,14 @@ def test_store_resolves_to_the_real_repo_from_dvc_temp_copies(repo: Path, monkey
     temp_copy.mkdir(parents=True)
     monkeypatch.setenv("DVC_ROOT", str(temp_copy))
     assert tracking.store_root() == repo.resolve()
-    assert tracking.resolve_tracking_uri(Params().tracking) == f"sqlite:///{repo.resolve()}/mlflow.db"
+    assert tracking.resolve_tracking_uri(repo_params().tracking) == f"sqlite:///{repo.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_tracking_uri(Params().tracking) == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri(repo_params().tracking) == "http://127.0.0.1:5000"
 
 
 def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
-    params = Params()
+    params = repo_params()
     with tracking.start_run(params, META, "cpu", "models/run.json") as run:
         for epoch in (1, 2, 3):
             run.log_epoch(epoch, {"epoch": epoch, "train_loss": 1.0 / epoch, "val_accuracy": 0.3 * epoch})
@@ -88,7 +90,7 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
 
 
 def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
-    params = Params()
+    params = repo_params()
     with pytest.raises(KeyboardInterrupt):
         with tracking.start_run(params, META, "cpu", "models/run.json") as run:
             run.log_epoch(1, {"train_loss": 2.0})
@@ -103,12 +105,12 @@ def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
 
 def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:
     with pytest.raises(tracking.TrackingError, match="dvc repro train"):
-        with tracking.continue_run(Params(), "models/run.json"):
+        with tracking.continue_run(repo_params(), "models/run.json"):
             pass
 
 
 def test_registry_champion_moves_only_when_better(repo: Path) -> None:
-    params = Params()
+    params = repo_params()
     _checkpoint(Path("models/best.pt"))
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
@@ -125,8 +127,39 @@ def test_registry_champion_moves_only_when_better(repo: Path) -> None:
     assert client.get_model_version("tiny", "4").tags["test_accuracy"] == "0.6"
 
 
+@pytest.mark.parametrize("code,raised", [
+    ("RESOURCE_ALREADY_EXISTS", None),  # a second registration of the same name: fine
+    ("PERMISSION_DENIED", "cannot create registered model 'tiny'.*PERMISSION_DENIED.*credentials"),
+    ("TEMPORARILY_UNAVAILABLE", "cannot create registered model 'tiny'.*TEMPORARILY_UNAVAILABLE"),
+])
+def test_registration_tolerates_only_an_existing_model(repo: Path, monkeypatch: pytest.MonkeyPatch, code: str,
+                                                       raised: str | None) -> None:
+    """An authentication or connection error while creating the registered model stops the stage."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    params = repo_params()
+    _checkpoint(Path("models/best.pt"))
+    with tracking.start_run(params, META, "cpu", "models/run.json"):
+        pass
+    with tracking.continue_run(params, "models/run.json") as run:
+        uri = tracking.log_model(run, "models/best.pt", _images())
+        MlflowClient().create_registered_model("tiny")
+
+        def refuse(self: MlflowClient, name: str, *args: object, **kwargs: object) -> None:
+            raise MlflowException(f"refused {name}", error_code=getattr(databricks_pb2, code))
+
+        monkeypatch.setattr(MlflowClient, "create_registered_model", refuse)
+        if raised is None:
+            assert tracking.register_model(run, uri, "tiny", "test_accuracy", {"test_accuracy": 0.5})["version"] == 1
+        else:
+            with pytest.raises(tracking.TrackingError, match=raised):
+                tracking.register_model(run, uri, "tiny", "test_accuracy", {"test_accuracy": 0.5})
+            assert MlflowClient().search_model_versions("name='tiny'") == []
+
+
 def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Path) -> None:
-    params = Params()
+    params = repo_params()
     model = _checkpoint(Path("models/best.pt"))
     images = _images(8)
     with tracking.start_run(params, META, "cpu", "models/run.json"):

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
@@ -56,11 +57,6 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-# MLflow's own chatter (alembic migrations, "🏃 View run ...") drowns the stage logs.
-for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-
-
 
 
 class TrackingError(PipelineError):
@@ -408,6 +404,19 @@ def _version_metric(client: MlflowClient, version: Any, metric: str) -> float | 
     return None
 
 
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model unless it exists; any other failure (auth, connection) is an error."""
+    try:
+        client.create_registered_model(name, description="ResNets trained by the resnet-pipeline DVC pipeline")
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            return
+        raise TrackingError(
+            f"cannot create registered model {name!r} in {mlflow.get_registry_uri()}: {str(e).splitlines()[0]} "
+            f"({e.error_code}); check the registry's address and credentials (MLFLOW_TRACKING_URI, tracking.uri)"
+        ) from e
+
+
 def register_model(run: PipelineRun, model_uri: str, name: str, metric: str,
                    metrics: dict[str, float]) -> dict[str, Any]:
     """Register a version; alias it ``champion`` if it beats the current champion on ``metric``.
@@ -416,17 +425,14 @@ def register_model(run: PipelineRun, model_uri: str, name: str, metric: str,
     alias on a tie: a model must be better, not equal, to replace it.
     """
     client = MlflowClient()
-    with contextlib.suppress(MlflowException):
-        client.create_registered_model(name, description="ResNets trained by the resnet-pipeline DVC pipeline")
+    _ensure_registered_model(client, name)
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in metrics.items()})
     client.set_model_version_tag(name, version.version, "mlflow.run_id", run.run_id)
 
     new_value = float(metrics[metric])
-    champion = None
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        pass
+    # The aliases as the registry lists them: a missing champion is no error, while a failing registry is.
+    champion_version = client.get_registered_model(name).aliases.get(CHAMPION)
+    champion = client.get_model_version(name, champion_version) if champion_version else None
     champion_value = _version_metric(client, champion, metric) if champion else None
     if champion is None or champion_value is None or new_value > champion_value:
         alias = CHAMPION
