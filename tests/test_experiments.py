@@ -1,10 +1,11 @@
 """Experiments and CI retraining: ``python -m resnet.retrain``, queued sweeps, MLflow, the workflow.
 
-* The report's pure functions (param and metric diffs, dvc's log lines, overrides,
-  redaction, markdown) on hand-made inputs.
+* The report's pure functions (DVC's JSON to param changes, metric rows and stage
+  outcomes, overrides, redaction, markdown) on inputs shaped as DVC 3 writes them, and
+  on JSON captured from real dvc runs.
 * The command on a two-stage toy pipeline in a temporary git repository: a first run
   against a ref without metrics, a parameter change that reruns one stage, a failing
-  pipeline (fast: no torch in the stages).
+  pipeline, a dvc whose log wording changed (fast: no torch in the stages).
 * The real pipeline (``@pytest.mark.slow``): the project's dvc.yaml, params.yaml and
   stages/ copied into a temporary git repository with params for a tiny run on a
   3-class 16x16 image-folder archive; a learning-rate change and an evaluate-only
@@ -29,6 +30,7 @@ import yaml
 from archives import make_tar, write_imagefolder
 from mlflow.tracking import MlflowClient
 
+from resnet import report as rep
 from resnet import retrain as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +101,7 @@ def metric_row(report: str, file: str, key: str) -> list[str]:
 
 
 def stages_with(report: str, what: str) -> list[str]:
-    """The stages the report's Stages table marks with ``what`` ('**ran**', 'unchanged, skipped')."""
+    """The stages the report's Stages table marks with ``what`` (rep.REPRODUCED, rep.UNCHANGED, ...)."""
     section = report.split("### Stages", 1)[1].split("###", 1)[0]
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in section.splitlines() if ln.startswith("|")]
     return [r[0] for r in rows[2:] if r[1] == what]
@@ -108,65 +110,89 @@ def stages_with(report: str, what: str) -> list[str]:
 # --------------------------------------------------------------------------- pure functions
 
 
-def test_flatten_and_diff_params_with_added_removed_and_equal_numbers() -> None:
-    old = {"train": {"lr": 0.2, "weight_decay": "5e-4", "augment": {"flip": True}, "milestones": [5]},
-           "data": {"seed": 0, "max_per_class": None}, "gone": 1}
-    new = {"train": {"lr": 0.05, "weight_decay": "5e-4", "augment": {"flip": False}, "milestones": [5, 8]},
-           "data": {"seed": 0.0, "max_per_class": 500}, "added": {"x": 1}}
-    assert R.flatten(old)["train.augment.flip"] is True and R.flatten(old)["train.milestones"] == [5]
-    changes = {c.key: (c.old, c.new) for c in R.diff_params(old, new)}
-    assert changes == {
-        "train.lr": (0.2, 0.05),
-        "train.augment.flip": (True, False),
-        "train.milestones": ([5], [5, 8]),
-        "data.max_per_class": (None, 500),
-        "gone": (1, R.MISSING),
-        "added.x": (R.MISSING, 1),
-    }  # 0 and 0.0 are the same seed; unchanged keys are left out
-    assert [c.key for c in R.diff_params(None, {"a": {"b": 1}})] == ["a.b"]  # first run: everything is new
-    assert R.diff_params({"a": True}, {"a": 1})  # a boolean is not the number 1
+def test_param_changes_from_dvc_params_diff_json() -> None:
+    # Shaped as `dvc params diff BASE --json` writes it (DVC 3.67): an added key is null on the
+    # old side, lists come as strings, numbers with their "diff".
+    diff = {"params.yaml": {"train.lr": {"old": 0.2, "new": 0.05, "diff": -0.15},
+                            "train.milestones": {"old": "[5]", "new": "[5, 8]"},
+                            "data.max_per_class": {"old": None, "new": 500, "diff": None},
+                            "train.augment.flip": {"old": True, "new": False}},
+            "configs/extra.yaml": {"seed": {"old": 1, "new": 2, "diff": 1}}}
+    assert rep.param_changes(diff) == [
+        rep.ParamChange("configs/extra.yaml:seed", 1, 2),  # another params file: named with its file
+        rep.ParamChange("data.max_per_class", None, 500),
+        rep.ParamChange("train.augment.flip", True, False),
+        rep.ParamChange("train.lr", 0.2, 0.05),
+        rep.ParamChange("train.milestones", "[5]", "[5, 8]"),
+    ]
+    assert rep.param_changes({}) == []  # DVC's answer when nothing changed
 
 
-def test_metrics_diff_first_run_and_rows_in_dvc_yaml_order() -> None:
-    new = {"metrics/test.json": R.numeric_metrics({"test_accuracy": 0.5, "checkpoint": "models/best.pt",
-                                                   "epoch": 3, "stopped_early": False}),
-           "metrics/train.json": {"best_val_accuracy": 0.4}}
-    rows = R.diff_metrics({}, new, files=["metrics/train.json", "metrics/test.json"])
-    assert [(r.file, r.key) for r in rows] == [("metrics/train.json", "best_val_accuracy"),
-                                               ("metrics/test.json", "epoch"), ("metrics/test.json", "test_accuracy")]
-    assert all(r.old is R.MISSING and r.delta is None for r in rows)  # strings and booleans are not metrics
-    (row,) = R.diff_metrics({"m.json": {"acc": 0.5}}, {"m.json": {"acc": 0.75}})
-    assert row.delta == pytest.approx(0.25)
+def test_metric_rows_keep_numbers_in_dvc_yaml_order() -> None:
+    # Shaped as `dvc metrics diff BASE --all --json` writes it on a first run (old side null)
+    # and with values that are not numbers.
+    diff = {"metrics/test.json": {"test_accuracy": {"old": None, "new": 0.5},
+                                  "checkpoint": {"old": None, "new": "models/best.pt"},
+                                  "stopped_early": {"old": None, "new": False},
+                                  "epoch": {"old": None, "new": 3}},
+            "metrics/train.json": {"best_val_accuracy": {"old": 0.5, "new": 0.75, "diff": 0.25},
+                                   "loss": {"old": 1.0, "new": float("nan")}},
+            "metrics/other.json": {"x": {"old": 1, "new": 1, "diff": 0}}}
+    rows = rep.metric_rows(diff, files=["metrics/train.json", "metrics/test.json"])
+    assert [(r.file, r.key, r.old, r.new) for r in rows] == [
+        ("metrics/train.json", "best_val_accuracy", 0.5, 0.75),
+        ("metrics/train.json", "loss", 1.0, rep.MISSING),  # NaN is not a number to compare
+        ("metrics/test.json", "epoch", rep.MISSING, 3.0),
+        ("metrics/test.json", "test_accuracy", rep.MISSING, 0.5),
+        ("metrics/other.json", "x", 1.0, 1.0),  # a file dvc.yaml does not name comes last
+    ]  # strings and booleans are not metrics
+    assert rows[0].delta == pytest.approx(0.25) and rows[2].delta is None and rows[4].delta == 0
 
 
 def test_metric_files_and_stage_names_from_the_project_pipeline() -> None:
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    assert R.stage_names(pipeline) == STAGES
-    assert R.metric_files(pipeline) == ["metrics/train.json", "metrics/val.json", "metrics/test.json",
+    assert rep.stage_names(pipeline) == STAGES
+    assert rep.metric_files(pipeline) == ["metrics/train.json", "metrics/val.json", "metrics/test.json",
                                         "metrics/register.json"]
-    assert R.metric_files({"stages": {"a": {"metrics": ["x.json"]}}, "metrics": ["x.json", "y.json"]}) == \
+    assert rep.metric_files({"stages": {"a": {"metrics": ["x.json"]}}, "metrics": ["x.json", "y.json"]}) == \
         ["x.json", "y.json"]
 
 
-def test_parse_repro_output_sorts_stages_by_what_dvc_did() -> None:
-    out = """'data/raw.dvc' didn't change, skipping
-Stage 'download' didn't change, skipping
-Stage 'split' is cached - skipping run, checking out outputs
-Running stage 'train':
-> python stages/train.py
-12:00:01 INFO stages.train: trained 2 epochs
-Running stage 'dvc.yaml:evaluate':
-> python stages/evaluate.py
-Updating lock file 'dvc.lock'
+def test_stage_outcomes_from_dvc_status_and_lock() -> None:
+    # `dvc status --json` before and after a failed run, as DVC 3.67 writes it; dvc.lock's stages.
+    status_before = {
+        "split": [{"changed outs": {"data/prepared": "deleted"}}],  # restored from the cache or rerun
+        "train": [{"changed deps": {"params.yaml": {"train": "modified"}}}],
+        "report@a": ["always changed"],
+        "sub/dvc.yaml:other": [{"changed outs": {"sub/o": "deleted"}}],
+    }
+    status_after = {
+        "dvc.yaml:evaluate": [{"changed deps": {"models/best.pt": "modified"}}],  # failed, or not reached
+        "report@a": ["always changed"],  # always stale: not a failure
+    }
+    entry = {"cmd": "python x.py", "deps": [{"path": "x.py", "hash": "md5", "md5": "1", "size": 1}]}
+    changed = {**entry, "deps": [{"path": "x.py", "hash": "md5", "md5": "2", "size": 1}]}
+    lock_before = {"download": entry, "split": entry, "train": entry, "validate": entry, "report@a": entry}
+    lock_after = {"download": entry, "split": entry, "train": changed, "validate": changed, "report@a": entry}
+    stages = rep.stage_outcomes(status_before, status_after, lock_before, lock_after)
+    # validate was not stale before the run: train's new model made it stale, its lock entry says it ran.
+    assert stages.reproduced == ["split", "train", "validate", "report@a", "sub/dvc.yaml:other"]
+    assert stages.stale == ["evaluate"]
+    assert stages.unchanged == ["download"]
+    nothing = rep.stage_outcomes({}, {}, lock_after, lock_after)
+    assert nothing.unchanged == list(lock_after) and not nothing.reproduced and not nothing.stale
 
-Ran experiment(s): brisk-lark
-Experiment results have been applied to your workspace.
-"""
-    log = R.parse_repro_output(out)
-    assert log.experiment == "brisk-lark"
-    assert log.ran == ["train", "evaluate"]
-    assert log.cached == ["split"]
-    assert log.unchanged == ["data/raw.dvc", "download"]
+
+def test_new_experiments_from_dvc_exp_show_json() -> None:
+    def shown(*names: str) -> list[dict]:
+        # `dvc exp show --json`: the workspace, then the baseline commit and its experiments.
+        exps = [{"name": n, "executor": None, "revs": [{"rev": f"{i:040x}", "name": n, "data": {}, "error": None,
+                                                         "experiments": None}]} for i, n in enumerate(names)]
+        return [{"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
+                {"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": exps or None}]
+
+    assert rep.new_experiments(shown("old-one"), shown("old-one", "brisk-lark")) == ["brisk-lark"]
+    assert rep.new_experiments(shown(), shown()) == [] and rep.new_experiments(None, shown("x")) == ["x"]
 
 
 @pytest.mark.parametrize("bad", ["train.lr", "=0.1", "train lr=0.1", "-S", ""])
@@ -183,39 +209,41 @@ def test_good_overrides_pass_unchanged() -> None:
 
 
 def test_redact_hides_url_credentials_and_signatures() -> None:
-    assert R.redact("https://user:tok3n@mirror.example/c10.tar.gz?sig=abc") == "https://***@mirror.example/c10.tar.gz?***"
-    assert R.redact("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz") == \
+    assert rep.redact("https://user:tok3n@mirror.example/c10.tar.gz?sig=abc") == "https://***@mirror.example/c10.tar.gz?***"
+    assert rep.redact("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz") == \
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    assert R.redact("../shared/c10.tar.gz") == "../shared/c10.tar.gz" and R.redact(0.1) == 0.1
+    assert rep.redact("../shared/c10.tar.gz") == "../shared/c10.tar.gz" and rep.redact(0.1) == 0.1
 
 
 def test_format_report_tables_first_run_failure_and_redaction() -> None:
-    run = R.RunResult(["/venv/bin/dvc", "exp", "run", "-S", "train.lr=0.05", "-S",
+    run = rep.RunResult(["/venv/bin/dvc", "exp", "run", "-S", "train.lr=0.05", "-S",
                        "data.source=https://u:p@y.example/b.tgz"], 1,
                       "line\n" * 100 + "ERROR: boom: https://u:p@y.example/b.tgz not found\n",
-                      R.StageLog(ran=["train"], unchanged=["download"]))
-    report = R.Report(
+                      rep.StageLog(reproduced=["train"], stale=["evaluate"], unchanged=["download"],
+                                 experiments=["brisk-lark"]))
+    report = rep.Report(
         base="main", base_commit="a" * 40,
-        params=[R.ParamChange("train.lr", 0.2, 0.05), R.ParamChange("data.source", "https://x.example/a.tgz",
+        params=[rep.ParamChange("train.lr", 0.2, 0.05), rep.ParamChange("data.source", "https://x.example/a.tgz",
                                                                     "https://u:p@y.example/b.tgz"),
-                R.ParamChange("train.cutout", R.MISSING, 8)],
-        metrics=R.diff_metrics({}, {"metrics/test.json": {"test_accuracy": 0.61234}}),
+                rep.ParamChange("train.cutout", None, 8)],
+        metrics=rep.metric_rows({"metrics/test.json": {"test_accuracy": {"old": None, "new": 0.61234}}}),
         overrides=["train.lr=0.05", "data.source=https://u:p@y.example/b.tgz"], run=run,
-        stage_order=["download", "train", "register"], redact_keys=frozenset({"data.source"}))
-    text = R.format_report(report)
+        stage_order=["download", "train", "evaluate", "register"], redact_keys=frozenset({"data.source"}))
+    text = rep.format_report(report)
     assert "Compared with `main` (aaaaaaaaaa)" in text and "**failed** with exit status 1" in text
     assert table_row(text, "train.lr") == ["train.lr", "`0.2`", "`0.05`"]
-    assert table_row(text, "train.cutout") == ["train.cutout", "—", "`8`"]
+    assert table_row(text, "train.cutout") == ["train.cutout", "`null`", "`8`"]  # DVC: null or absent
     assert table_row(text, "data.source") == ["data.source", "`***`", "`***`"]
     assert "u:p" not in text and "y.example" not in text and "`-S data.source=***`" in text
     assert "(`dvc exp run -S train.lr=0.05 -S data.source=***`)" in text
     assert metric_row(text, "metrics/test.json", "test_accuracy") == ["metrics/test.json", "test_accuracy", "—",
                                                                       "0.6123", ""]
     assert "has no metrics yet (first run)" in text
-    assert stages_with(text, "**ran**") == ["train"] and stages_with(text, "unchanged, skipped") == ["download"]
-    assert stages_with(text, "not reached") == ["register"]
+    assert stages_with(text, rep.REPRODUCED) == ["train"] and stages_with(text, rep.UNCHANGED) == ["download"]
+    assert stages_with(text, rep.STILL_STALE) == ["evaluate"] and stages_with(text, "not reached") == ["register"]
+    assert "DVC experiment: `brisk-lark`." in text and "restored its outputs from the run-cache" in text
     assert "ERROR: boom: *** not found" in text
-    assert text.count("line\n") < R.FAILURE_TAIL_LINES  # only the tail is quoted
+    assert text.count("line\n") < rep.FAILURE_TAIL_LINES  # only the tail is quoted
 
 
 # --------------------------------------------------------------------------- the command, on a toy pipeline
@@ -254,7 +282,7 @@ def test_retrain_first_run_then_only_the_stale_stage(toy_repo: Path) -> None:
     first = retrain(toy_repo, "--base", "HEAD", "--report", "out/first.md")
     report = (toy_repo / "out" / "first.md").read_text()
     assert first.stdout == report  # the same report on stdout and in the file
-    assert stages_with(report, "**ran**") == ["prep", "score"]
+    assert stages_with(report, rep.REPRODUCED) == ["prep", "score"]
     assert metric_row(report, "metrics/score.json", "score") == ["metrics/score.json", "score", "—", "6", ""]
     assert "None: params.yaml is the same as at `HEAD`" in report
     assert "note" not in report.split("### Metrics")[1]
@@ -264,8 +292,8 @@ def test_retrain_first_run_then_only_the_stale_stage(toy_repo: Path) -> None:
     params["score"]["k"] = 5
     (toy_repo / "params.yaml").write_text(yaml.safe_dump(params))
     second = retrain(toy_repo, "--base", "HEAD").stdout
-    assert stages_with(second, "**ran**") == ["score"]
-    assert stages_with(second, "unchanged, skipped") == ["prep"]
+    assert stages_with(second, rep.REPRODUCED) == ["score"]
+    assert stages_with(second, rep.UNCHANGED) == ["prep"]
     assert table_row(second, "score.k") == ["score.k", "`2`", "`5`"]
     assert metric_row(second, "metrics/score.json", "score") == ["metrics/score.json", "score", "6", "15", "+9"]
     # The report's param diff is what dvc itself says.
@@ -274,7 +302,7 @@ def test_retrain_first_run_then_only_the_stale_stage(toy_repo: Path) -> None:
 
     # An override runs the pipeline as a DVC experiment and writes the value to params.yaml.
     third = retrain(toy_repo, "--base", "HEAD", "-S", "score.k=7").stdout
-    assert stages_with(third, "**ran**") == ["score"] and "`-S score.k=7`" in third
+    assert stages_with(third, rep.REPRODUCED) == ["score"] and "`-S score.k=7`" in third
     assert "(`dvc exp run -S score.k=7`)" in third and "DVC experiment: `" in third
     assert table_row(third, "score.k") == ["score.k", "`2`", "`7`"]
     assert yaml.safe_load((toy_repo / "params.yaml").read_text())["score"]["k"] == 7
@@ -286,7 +314,7 @@ def test_retrain_exits_nonzero_when_the_pipeline_fails_and_reports_why(toy_repo:
     assert r.returncode == 1
     report = (toy_repo / "r.md").read_text()
     assert "**failed**" in report and "score.k must be >= 0, got -1" in report
-    assert stages_with(report, "**ran**") == ["prep", "score"]
+    assert stages_with(report, rep.REPRODUCED) == ["prep"] and stages_with(report, rep.STILL_STALE) == ["score"]
     assert "the pipeline failed" in r.stderr
 
 
@@ -298,6 +326,108 @@ def test_retrain_bad_ref_or_override_stops_before_running(toy_repo: Path) -> Non
     r = retrain(toy_repo, "--base", "HEAD", "-S", "score.k", check=False)
     assert r.returncode == 1 and "-S 'score.k' is not an override" in r.stderr
     assert not (toy_repo / "prep.txt").exists()
+
+
+def dvc_state(repo: Path) -> tuple[dict, dict]:
+    """What the retrain command reads around a run: ``dvc status --json`` and dvc.lock's stages."""
+    status = json.loads(sh(repo, DVC, "status", "--json").stdout)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text()) if (repo / "dvc.lock").exists() else {}
+    return status, lock.get("stages", {})
+
+
+def outcomes_of_repro(repo: Path) -> tuple[rep.StageLog, int]:
+    """``dvc repro`` in ``repo``, and what stage_outcomes makes of the JSON DVC gives before and after it."""
+    (status_before, lock_before) = dvc_state(repo)
+    rc = sh(repo, DVC, "repro", check=False).returncode
+    (status_after, lock_after) = dvc_state(repo)
+    return rep.stage_outcomes(status_before, status_after, lock_before, lock_after), rc
+
+
+def dvc_out(repo: Path, *args: str) -> dict:
+    return json.loads(sh(repo, DVC, *args, "--json").stdout)
+
+
+def set_params(repo: Path, **sections: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@needs_tools
+def test_report_parts_from_dvc_json_captured_on_the_toy_pipeline(toy_repo: Path) -> None:
+    # First run: dvc status says both stages are stale; the base has no metrics (null in DVC's diff).
+    stages, rc = outcomes_of_repro(toy_repo)
+    assert rc == 0 and (stages.reproduced, stages.stale, stages.unchanged) == (["prep", "score"], [], [])
+    rows = rep.metric_rows(dvc_out(toy_repo, "metrics", "diff", "HEAD", "--all"), ["metrics/score.json"])
+    assert [(r.key, r.old, r.new) for r in rows] == [("score", rep.MISSING, 6.0)]  # the "note" text is left out
+    commit_all(toy_repo, "first results")
+
+    # A param of the second stage, and a new one: only score is stale and reruns.
+    set_params(toy_repo, score={"k": 5, "extra": 1})
+    assert rep.param_changes(dvc_out(toy_repo, "params", "diff", "HEAD")) == [
+        rep.ParamChange("score.extra", None, 1), rep.ParamChange("score.k", 2, 5)]
+    stages, rc = outcomes_of_repro(toy_repo)
+    assert rc == 0 and (stages.reproduced, stages.unchanged) == (["score"], ["prep"])
+    (row,) = rep.metric_rows(dvc_out(toy_repo, "metrics", "diff", "HEAD", "--all"))
+    assert (row.old, row.new, row.delta) == (6.0, 15.0, 9.0)
+    commit_all(toy_repo, "k 5")
+
+    # A param of the first stage: before the run dvc status names prep only; score becomes
+    # stale when prep writes a new prep.txt, and its changed dvc.lock entry says it ran.
+    set_params(toy_repo, prep={"n": 4})
+    assert set(dvc_state(toy_repo)[0]) == {"prep"}
+    stages, rc = outcomes_of_repro(toy_repo)
+    assert rc == 0 and stages.reproduced == ["prep", "score"] and not stages.unchanged
+    commit_all(toy_repo, "n 4")
+
+    # A failure in the second stage: it stays stale; the first one ran.
+    set_params(toy_repo, prep={"n": 5}, score={"k": -1})
+    stages, rc = outcomes_of_repro(toy_repo)
+    assert rc != 0 and (stages.reproduced, stages.stale, stages.unchanged) == (["prep"], ["score"], [])
+
+
+REWORDED_DVC = """#!{python}
+# dvc, with its log reworded: none of the lines about stages or experiments reads as DVC 3.67 writes them.
+import subprocess, sys
+args = sys.argv[1:]
+if args[:1] != ["repro"] and args[:2] != ["exp", "run"]:
+    sys.exit(subprocess.call([{dvc!r}, *args]))
+proc = subprocess.Popen([{dvc!r}, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+for line in proc.stdout:
+    for old, new in [("Running stage", "Executing stage"), ("didn't change, skipping", "is up to date"),
+                     ("is cached - skipping run", "came from the run-cache"), ("Ran experiment(s)", "Experiments")]:
+        line = line.replace(old, new)
+    sys.stdout.write(line)
+sys.exit(proc.wait())
+"""
+
+
+@needs_tools
+def test_stages_and_experiment_do_not_depend_on_dvcs_log_wording(toy_repo: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    wrapper = tmp_path / "dvc"
+    wrapper.write_text(REWORDED_DVC.format(python=sys.executable, dvc=DVC))
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(R, "_dvc", lambda: str(wrapper))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.chdir(toy_repo)
+
+    assert R.main(["--base", "HEAD", "--report", "first.md"]) == 0
+    log = capsys.readouterr().err
+    assert "Executing stage 'prep'" in log and "Running stage" not in log  # the reworded log streamed
+    first = (toy_repo / "first.md").read_text()
+    assert stages_with(first, rep.REPRODUCED) == ["prep", "score"]
+    commit_all(toy_repo, "first results")
+
+    assert R.main(["--base", "HEAD", "-S", "score.k=3", "--report", "second.md"]) == 0
+    log = capsys.readouterr().err
+    assert "prep' is up to date" in log and "Experiments: " in log and "Ran experiment" not in log
+    second = (toy_repo / "second.md").read_text()
+    assert stages_with(second, rep.REPRODUCED) == ["score"] and stages_with(second, rep.UNCHANGED) == ["prep"]
+    (name,) = [n for n in sh(toy_repo, DVC, "exp", "list", "--name-only").stdout.split() if n]
+    assert f"DVC experiment: `{name}`." in second
 
 
 # --------------------------------------------------------------------------- the real pipeline
@@ -403,7 +533,7 @@ def epochs_logged(client: MlflowClient, run_id: str, metric: str = "val_accuracy
 @pytest.mark.slow
 def test_first_run_against_a_ref_without_metrics(pipeline_repo: PipelineRepo) -> None:
     report = pipeline_repo.first_report
-    assert stages_with(report, "**ran**") == STAGES
+    assert stages_with(report, rep.REPRODUCED) == STAGES
     row = metric_row(report, "metrics/test.json", "test_accuracy")
     assert row[2] == "—" and 0.0 <= float(row[3]) <= 1.0
     assert "has no metrics yet (first run)" in report
@@ -423,8 +553,8 @@ def test_param_changes_rerun_only_stale_stages_with_runs_and_versions_in_mlflow(
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     retrain(repo, "--base", "HEAD", "--report", "reports/lr.md", "--plots-dir", "dvc_plots")
     report = (repo / "reports" / "lr.md").read_text()
-    assert stages_with(report, "**ran**") == ["train", "validate", "evaluate", "register"]
-    assert stages_with(report, "unchanged, skipped") == ["download", "split"]
+    assert stages_with(report, rep.REPRODUCED) == ["train", "validate", "evaluate", "register"]
+    assert stages_with(report, rep.UNCHANGED) == ["download", "split"]
     assert table_row(report, "train.lr") == ["train.lr", "`0.0001`", "`0.1`"]
     new_acc = json.loads((repo / "metrics" / "test.json").read_text())["test_accuracy"]
     row = metric_row(report, "metrics/test.json", "test_accuracy")
@@ -458,8 +588,8 @@ def test_param_changes_rerun_only_stale_stages_with_runs_and_versions_in_mlflow(
     #    numbers), so register, whose inputs are unchanged, is skipped too: no new
     #    MLflow run, no new model version.
     out = retrain(repo, "--base", "HEAD", "-S", "evaluate.misclassified_examples=4").stdout
-    assert stages_with(out, "**ran**") == ["evaluate"]
-    assert stages_with(out, "unchanged, skipped") == ["download", "split", "train", "validate", "register"]
+    assert stages_with(out, rep.REPRODUCED) == ["evaluate"]
+    assert stages_with(out, rep.UNCHANGED) == ["download", "split", "train", "validate", "register"]
     assert table_row(out, "evaluate.misclassified_examples") == ["evaluate.misclassified_examples", "`9`", "`4`"]
     assert metric_row(out, "metrics/test.json", "test_accuracy")[4] == "0"
     assert "DVC experiment: `" in out and "### Model registry" not in out
@@ -556,7 +686,7 @@ def test_workflow_job_sets_up_with_make_runs_retrain_and_publishes() -> None:
     steps = job["steps"]
     uses = [s.get("uses", "").split("@")[0] for s in steps]
     checkout = steps[uses.index("actions/checkout")]
-    assert checkout["with"]["fetch-depth"] == 0  # the base ref must be there for git show
+    assert checkout["with"]["fetch-depth"] == 0  # the base ref must be there for dvc params/metrics diff
     assert steps[uses.index("actions/setup-python")]["with"]["python-version"] == "3.11"
     runs = [s.get("run", "") for s in steps]
     assert any(r.strip() == "make install" for r in runs)
