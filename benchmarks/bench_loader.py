@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from resnet.config import AugmentParams
-from resnet.data import DataError, load_meta, load_split
+from resnet.data.errors import DataError
+from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -4,7 +4,7 @@ import sys
 
 from resnet.config import Params
 from resnet import paths
-from resnet.data import download
+from resnet.data.sources import download
 from resnet.stage import run_stage
 
 

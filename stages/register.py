@@ -10,7 +10,7 @@ from pathlib import Path
 
 from resnet import paths, tracking
 from resnet.config import ConfigError, Params
-from resnet.data import load_split
+from resnet.data.store import load_split
 from resnet.stage import run_stage
 from resnet.utils import read_json, write_json
 

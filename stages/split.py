@@ -4,7 +4,7 @@ import sys
 
 from resnet.config import Params
 from resnet import paths
-from resnet.data import prepare
+from resnet.data.split import prepare
 from resnet.stage import run_stage
 
 

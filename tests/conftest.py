@@ -8,9 +8,10 @@ from pathlib import Path
 import mlflow
 import pytest
 from archives import make_tar, write_imagefolder
+from paramsets import data_params
 
-from resnet.config import DataParams
-from resnet.data import download, prepare
+from resnet.data.sources import download
+from resnet.data.split import prepare
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/prepared/ as the split stage writes it: 3 classes of 32x32 RGB, train 30 / val 6 / test 12."""
     root = tmp_path_factory.mktemp("tiny_prepared")
     write_imagefolder(root / "src", per_class={"train": 12, "test": 4}, size=32)
-    params = DataParams(dataset="imagefolder", source=str(root / "src"), val_fraction=1 / 6)
+    params = data_params(dataset="imagefolder", source=str(root / "src"), val_fraction=1 / 6)
     download(params, root / "raw")
     prepare(root / "raw", root / "prepared", params)
     return root / "prepared"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import http.server
+import io
 import json
 import os
 import shutil
@@ -18,7 +19,6 @@ import sys
 import tarfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +35,25 @@ from archives import (
     sha256_of,
     write_imagefolder,
 )
+from paramsets import PARAMS_FILE, data_params, repo_params
 from PIL import Image
 
-from resnet import data as D
+from resnet import preprocess
 from resnet.config import ConfigError, DataParams, parse_params
-from resnet.data import DataError, download, load_meta, load_split, prepare
+from resnet.data import archives, tar_reader
+from resnet.data.archives import iter_archive
+from resnet.data.datasets import OFFICIAL_ARCHIVES
+from resnet.data.errors import DataError
+from resnet.data.sources import download
+from resnet.data.split import prepare, stratified_split
+from resnet.data.store import load_meta, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def folder_params(source: Path | str, **kw) -> DataParams:
-    return DataParams(dataset="imagefolder", source=str(source), **kw)
+    return data_params(dataset="imagefolder", source=str(source), **kw)
 
 
 def run_stages(source: Path | str, tmp: Path, **kw) -> tuple[dict, Path]:
@@ -55,6 +62,17 @@ def run_stages(source: Path | str, tmp: Path, **kw) -> tuple[dict, Path]:
     download(params, tmp / "raw")
     meta = prepare(tmp / "raw", tmp / "prepared", params)
     return meta, tmp / "prepared"
+
+
+def raw_params(**data) -> dict:
+    """The repository's params.yaml as parsed YAML, data keys changed without validation (to test it)."""
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["data"].update(data)
+    return raw
+
+
+def write_raw_params(path: Path, **data) -> None:
+    path.write_text(yaml.safe_dump(raw_params(**data), sort_keys=False))
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -80,7 +98,7 @@ def leftovers(parent: Path) -> list[str]:
 ])
 def test_bad_data_params_raise_config_error_naming_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        parse_params({"data": data})
+        parse_params(raw_params(**data))
 
 
 def stage(script: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -91,7 +109,7 @@ def stage(script: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedP
 
 @pytest.mark.parametrize("script", ["download.py", "split.py"])
 def test_stage_exits_nonzero_before_any_work_on_bad_params(tmp_path, script):
-    (tmp_path / "params.yaml").write_text("data:\n  dataset: imagefolder\n  val_fraction: 2\n  source: x.tar\n")
+    write_raw_params(tmp_path / "params.yaml", dataset="imagefolder", val_fraction=2, source="x.tar")
     r = stage(script, tmp_path)
     assert r.returncode == 1
     assert "data.val_fraction" in r.stderr and "Traceback" not in r.stderr
@@ -106,7 +124,7 @@ def test_stage_exits_nonzero_before_any_work_on_bad_params(tmp_path, script):
 def test_cifar_archive_is_read_with_its_real_keys(tmp_path, dataset):
     arc = tmp_path / f"{dataset}-python.tar.gz"
     truth = make_cifar_archive(arc, dataset)
-    params = DataParams(dataset=dataset, source=str(arc), sha256=sha256_of(arc), val_fraction=0.2)
+    params = data_params(dataset=dataset, source=str(arc), sha256=sha256_of(arc), val_fraction=0.2)
     record = download(params, tmp_path / "raw")
     assert record["sha256"] == sha256_of(arc) and record["size"] == arc.stat().st_size
     assert record["dataset"] == dataset and record["source"] == str(arc) and record["date"]
@@ -122,8 +140,9 @@ def test_cifar_archive_is_read_with_its_real_keys(tmp_path, dataset):
     x_tr, y_tr = load_split(tmp_path / "prepared", "train")
     x_val, y_val = load_split(tmp_path / "prepared", "val")
     # train + val is exactly the training pool, every image once
-    pool = {img.tobytes(): int(lbl) for img, lbl in zip(truth["train_x"], truth["train_y"])}
-    got = [(img.tobytes(), int(lbl)) for img, lbl in zip(np.concatenate([x_tr, x_val]), np.concatenate([y_tr, y_val]))]
+    pool = {img.tobytes(): int(lbl) for img, lbl in zip(truth["train_x"], truth["train_y"], strict=True)}
+    pool_x, pool_y = np.concatenate([x_tr, x_val]), np.concatenate([y_tr, y_val])
+    got = [(img.tobytes(), int(lbl)) for img, lbl in zip(pool_x, pool_y, strict=True)]
     assert sorted(got) == sorted(pool.items())
     assert meta["source_sha256"] == sha256_of(arc)
 
@@ -132,12 +151,12 @@ def test_cifar_archive_must_match_the_official_md5(tmp_path, monkeypatch):
     arc = tmp_path / "cifar-10-python.tar.gz"
     make_cifar_archive(arc)
     with pytest.raises(DataError, match=r"checksum mismatch.*md5.*c58f30108f718f92721af3b95e74349a.*data\.sha256"):
-        download(DataParams(dataset="cifar10", source=str(arc)), tmp_path / "raw")
+        download(data_params(dataset="cifar10", source=str(arc)), tmp_path / "raw")
     assert leftovers(tmp_path) == [arc.name]
     # The same archive passes when it is the one the official checksum names.
-    official = dataclasses.replace(D.OFFICIAL_ARCHIVES["cifar10"], md5=md5_of(arc))
-    monkeypatch.setitem(D.OFFICIAL_ARCHIVES, "cifar10", official)
-    rec = download(DataParams(dataset="cifar10", source=arc.as_uri()), tmp_path / "raw")  # file:// URL
+    official = dataclasses.replace(OFFICIAL_ARCHIVES["cifar10"], md5=md5_of(arc))
+    monkeypatch.setitem(OFFICIAL_ARCHIVES, "cifar10", official)
+    rec = download(data_params(dataset="cifar10", source=arc.as_uri()), tmp_path / "raw")  # file:// URL
     assert rec["md5"] == md5_of(arc)
 
 
@@ -154,7 +173,6 @@ def test_cifar_batches_cannot_run_code(tmp_path):
     # Swap test_batch for the evil pickle.
     with tarfile.open(arc) as tf:
         members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
-    import io
     import pickle
 
     with tarfile.open(arc, "w:gz") as tf:
@@ -163,7 +181,7 @@ def test_cifar_batches_cannot_run_code(tmp_path):
                 payload = pickle.dumps({b"data": Evil(), b"labels": []}, protocol=2)
                 m.size = len(payload)
             tf.addfile(m, io.BytesIO(payload) if payload is not None else None)
-    params = DataParams(dataset="cifar10", source=str(arc), sha256=sha256_of(arc))
+    params = data_params(dataset="cifar10", source=str(arc), sha256=sha256_of(arc))
     download(params, tmp_path / "raw")
     with pytest.raises(DataError, match="not allowed"):
         prepare(tmp_path / "raw", tmp_path / "prepared", params)
@@ -172,7 +190,7 @@ def test_cifar_batches_cannot_run_code(tmp_path):
 
 def test_cifar_dataset_refuses_an_image_folder_archive(tmp_path, tiny_imagefolder_tgz):
     with pytest.raises(DataError, match="not a CIFAR python archive.*data.dataset=imagefolder"):
-        download(DataParams(dataset="cifar10", source=str(tiny_imagefolder_tgz),
+        download(data_params(dataset="cifar10", source=str(tiny_imagefolder_tgz),
                             sha256=sha256_of(tiny_imagefolder_tgz)), tmp_path / "raw")
 
 
@@ -216,7 +234,14 @@ def test_every_source_kind_gives_the_same_prepared_files(tmp_path, folder_source
         assert (out / f"{split}.npz").read_bytes() == (ref / "prepared" / f"{split}.npz").read_bytes()
 
 
-def test_fast_tar_reader_agrees_with_tarfile(tmp_path):
+def both_tar_readers(path: Path, read_data: bool = True) -> dict[str, list]:
+    """What the hand-written reader and tarfile's streaming mode make of a tar archive."""
+    fmt = archives._archive_format(path)
+    return {"hand-written": list(archives._iter_tar(path, fmt, read_data)),
+            "tarfile": list(archives._iter_tarfile(path, read_data))}
+
+
+def test_both_tar_readers_agree_on_long_names_links_and_folders_in_every_format(tmp_path):
     """Long names (GNU 'L' records, pax 'path', ustar prefix), links and folders, in every tar format."""
     src = tmp_path / "src"
     long_dir = src / "train" / ("c" * 60) / ("d" * 70)
@@ -226,38 +251,78 @@ def test_fast_tar_reader_agrees_with_tarfile(tmp_path):
     (src / "train" / "cat" / "a.png").write_bytes(b"y" * 512)
     (src / "train" / "cat" / "empty.png").write_bytes(b"")
     os.symlink("a.png", src / "train" / "cat" / "link.png")
+    expected = sorted([
+        (f"train/{'c' * 60}/{'d' * 70}/{'e' * 90}.png", "file", b"x" * 700, None),
+        ("train/cat/a.png", "file", b"y" * 512, None),
+        ("train/cat/empty.png", "file", b"", None),
+        ("train/cat/link.png", "link", None, "train/cat/a.png"),
+    ])
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
         arc = make_tar(src, tmp_path / f"t{fmt}.tar.gz", fmt=fmt)
-        fast = [(e.name, e.kind, e.data, e.target) for e in D._iter_tar_fast(arc, "gz", True)]
-        slow = [(e.name, e.kind, e.data, e.target) for e in D._iter_tarfile(arc, True)]
-        assert fast == slow and len(fast) == 4
-        assert ("train/cat/link.png", "link", None, "train/cat/a.png") in fast
+        for reader, entries in both_tar_readers(arc).items():
+            assert sorted((e.name, e.kind, e.data, e.target) for e in entries) == expected, reader
 
 
-def test_git_archive_style_global_header_stays_on_the_fast_path(tmp_path, monkeypatch):
+def test_git_archive_style_global_header_stays_on_the_hand_written_reader(tmp_path, monkeypatch):
     """git archive (and the shared CIFAR-10 JPEG copy) starts with a global pax 'comment' record."""
-    write_imagefolder(tmp_path / "src", per_class={"train": 2})
+    truth = write_imagefolder(tmp_path / "src", per_class={"train": 2})
     arc = tmp_path / "git.tar.gz"
     with tarfile.open(arc, "w:gz", format=tarfile.PAX_FORMAT, pax_headers={"comment": "d7d0561806"}) as tf:
         for p in sorted((tmp_path / "src").rglob("*")):
             tf.add(p, arcname=p.relative_to(tmp_path / "src").as_posix(), recursive=False)
-    expected = [(e.name, e.data) for e in D._iter_tarfile(arc, True)]
-    monkeypatch.setattr(D, "_iter_tarfile", lambda *a: pytest.fail("fell back to tarfile"))
-    assert [(e.name, e.data) for e in D.iter_archive(arc)] == expected and len(expected) == 6
+    expected = [(e.name, e.data) for e in archives._iter_tarfile(arc, True)]
+    monkeypatch.setattr(archives, "_iter_tarfile", lambda *a: pytest.fail("fell back to tarfile"))
+    assert [(e.name, e.data) for e in iter_archive(arc)] == expected and len(expected) == len(truth["train"][1])
 
 
-def test_fallback_to_tarfile_hands_out_each_member_once(tmp_path, monkeypatch, tiny_imagefolder_tgz):
-    expected = [(e.name, e.data) for e in D._iter_tarfile(tiny_imagefolder_tgz, True)]
-    real = D._iter_tar_fast
+def test_fallback_to_tarfile_hands_out_each_member_once(monkeypatch, tiny_imagefolder_tgz):
+    expected = [(e.name, e.data) for e in archives._iter_tarfile(tiny_imagefolder_tgz, True)]
+    real = archives._iter_tar
 
     def gives_up_midway(path, fmt, read_data):
         for i, entry in enumerate(real(path, fmt, read_data)):
             if i == 5:
-                raise D._Unsupported("test")
+                raise tar_reader.Unsupported("test")
             yield entry
 
-    monkeypatch.setattr(D, "_iter_tar_fast", gives_up_midway)
-    assert [(e.name, e.data) for e in D.iter_archive(tiny_imagefolder_tgz)] == expected
+    monkeypatch.setattr(archives, "_iter_tar", gives_up_midway)
+    assert [(e.name, e.data) for e in iter_archive(tiny_imagefolder_tgz)] == expected
+
+
+def _tar_with_bad_third_member(tmp_path: Path, damage: str) -> Path:
+    """A plain tar of 6 images, cut just before its third member's header or with that header damaged."""
+    write_imagefolder(tmp_path / "src", per_class={"train": 2})
+    arc = make_tar(tmp_path / "src", tmp_path / "full.tar", compression="")
+    with tarfile.open(arc) as tf:
+        offset = [m for m in tf.getmembers() if m.isfile()][2].offset
+    data = bytearray(arc.read_bytes())
+    if damage == "cut":
+        data = data[:offset]  # whole members only: tarfile alone would take this for a shorter archive
+    else:
+        data[offset + 10] ^= 0xFF  # a name byte: the header checksum no longer matches
+    out = tmp_path / f"{damage}.tar"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [("cut", "truncated: no end-of-archive marker"),
+                                             ("header", "corrupt: bad tar header")])
+def test_tar_without_end_marker_or_with_a_bad_header_is_refused(tmp_path, damage, message):
+    arc = _tar_with_bad_third_member(tmp_path, damage)
+    for read in (lambda: archives._iter_tar(arc, "tar", False), lambda: archives._iter_tarfile(arc, False)):
+        with pytest.raises(DataError, match=message):
+            list(read())
+    with pytest.raises(DataError, match=message):
+        download(folder_params(arc), tmp_path / "out" / "raw")
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_empty_file_is_refused(tmp_path):
+    (tmp_path / "empty.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="is empty"):
+        download(folder_params(tmp_path / "empty.tar.gz"), tmp_path / "raw")
+    with pytest.raises(DataError, match="is empty"):
+        list(archives._iter_tarfile(tmp_path / "empty.tar.gz", True))
 
 
 def test_jpeg_fast_path_matches_pil(tmp_path):
@@ -293,12 +358,12 @@ def test_split_is_seeded_and_byte_identical(tmp_path):
 
 def test_stratified_split_keeps_class_proportions():
     labels = np.repeat(np.arange(4), [100, 50, 10, 1])
-    keep, take = D.stratified_split(labels, 0.1, seed=0)
+    keep, take = stratified_split(labels, 0.1, seed=0)
     assert np.bincount(labels[take], minlength=4).tolist() == [10, 5, 1, 0]
     assert np.bincount(labels[keep], minlength=4).tolist() == [90, 45, 9, 1]
     assert len(np.intersect1d(keep, take)) == 0 and len(keep) + len(take) == len(labels)
     assert (np.diff(keep) > 0).all() and (np.diff(take) > 0).all()
-    keep2, take2 = D.stratified_split(labels, 0.1, seed=1)
+    keep2, take2 = stratified_split(labels, 0.1, seed=1)
     assert not np.array_equal(take, take2)
 
 
@@ -345,9 +410,60 @@ def test_grayscale_and_resize(tmp_path):
 
 def test_gray_conversion_matches_pil():
     rgb = np.random.default_rng(0).integers(0, 256, (4, 9, 7, 3), dtype=np.uint8)
-    ours = D.to_grayscale(rgb)[..., 0]
+    ours = preprocess.to_grayscale(rgb)[..., 0]
     pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in rgb])
     np.testing.assert_array_equal(ours, pil)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_preprocess_is_rgb_then_resize_then_grayscale_from_bytes_or_arrays(channels):
+    """The split stage's order, whatever the entry point: an encoded file, one array, or a batch of any sizes."""
+    rng = np.random.default_rng(1)
+    rgb, gray = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8), rng.integers(0, 256, (9, 14), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+    for image in (rgb, gray):
+        pil = Image.fromarray(image).convert("RGB").resize((8, 6), Image.Resampling.BILINEAR).convert(mode)
+        expected = np.asarray(pil).reshape(6, 8, channels)
+        for got in (preprocess.from_bytes(_png(image), (6, 8), channels),
+                    preprocess.model_pixels(image, (6, 8), channels),
+                    preprocess.model_pixels(image[..., None] if image.ndim == 2 else image, (6, 8), channels)):
+            np.testing.assert_array_equal(got, expected)
+    batch = preprocess.batch_pixels([rgb, gray, gray[..., None]], (6, 8), channels)
+    assert batch.shape == (3, 6, 8, channels)
+    np.testing.assert_array_equal(batch[1], batch[2])
+    np.testing.assert_array_equal(batch[0], preprocess.model_pixels(rgb, (6, 8), channels))
+    # Arrays already at the size are converted whole: the same pixels as one by one.
+    same = rng.integers(0, 256, (5, 6, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(preprocess.batch_pixels(same, (6, 8), channels),
+                                  np.stack([preprocess.model_pixels(im, (6, 8), channels) for im in same]))
+
+
+def test_preprocess_refuses_what_is_not_a_1_or_3_channel_uint8_image():
+    with pytest.raises(ValueError, match=r"C = 1 \(grayscale\) or 3 \(RGB\).*\(2, 5, 5, 4\)"):
+        preprocess.batch_pixels(np.zeros((2, 5, 5, 4), np.uint8), 5, 3)
+    with pytest.raises(ValueError, match="uint8.*float32"):
+        preprocess.model_pixels(np.zeros((5, 5, 3), np.float32), 5, 3)
+    with pytest.raises(ValueError, match="differ in size"):
+        preprocess.batch_pixels([np.zeros((5, 5, 3), np.uint8), np.zeros((6, 5, 3), np.uint8)], None, 3)
+    with pytest.raises(ValueError, match="cannot decode image"):
+        preprocess.decode(b"\x89PNG not really")
+
+
+def test_cifar_resize_and_grayscale_follow_preprocess(tmp_path):
+    arc = tmp_path / "cifar-10-python.tar.gz"
+    truth = make_cifar_archive(arc)
+    params = data_params(dataset="cifar10", source=str(arc), sha256=sha256_of(arc), image_size=16, channels=1)
+    download(params, tmp_path / "raw")
+    meta = prepare(tmp_path / "raw", tmp_path / "prepared", params)
+    x_test, _ = load_split(tmp_path / "prepared", "test")
+    assert meta["image_size"] == [16, 16] and meta["channels"] == 1
+    np.testing.assert_array_equal(x_test, preprocess.batch_pixels(list(truth["test_x"]), 16, 1))
 
 
 def test_mixed_image_sizes_need_image_size(tmp_path):
@@ -397,8 +513,8 @@ def test_malicious_tar_is_refused(tmp_path, kind, message):
     with pytest.raises(DataError, match=message):
         download(folder_params(arc), tmp_path / "out" / "raw")
     assert leftovers(tmp_path / "out") == []  # nothing, not even a temp folder
-    with pytest.raises(DataError, match=message):  # tarfile-based fallback reader too
-        list(D._iter_tarfile(arc, True))
+    with pytest.raises(DataError, match=message):  # the tarfile-based fallback reader too
+        list(archives._iter_tarfile(arc, True))
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -433,6 +549,9 @@ def test_truncated_archive_is_refused(tmp_path, suffix, compression):
     with pytest.raises(DataError, match="truncated|corrupt"):
         download(folder_params(cut), tmp_path / "out" / "raw")
     assert leftovers(tmp_path / "out") == []
+    if compression is not None:  # the tarfile-based fallback reader too
+        with pytest.raises(DataError, match="truncated|corrupt"):
+            list(archives._iter_tarfile(cut, True))
 
 
 def test_not_an_archive_is_refused(tmp_path):
@@ -440,6 +559,8 @@ def test_not_an_archive_is_refused(tmp_path):
     junk.write_bytes(b"<html>404 page from a proxy</html>" * 40)
     with pytest.raises(DataError, match="not a tar or zip archive"):
         download(folder_params(junk), tmp_path / "raw")
+    with pytest.raises(DataError, match="not a tar or zip archive"):
+        list(archives._iter_tarfile(junk, True))
 
 
 def test_checksum_mismatch_is_refused(tmp_path, tiny_imagefolder_tgz):
@@ -468,14 +589,14 @@ def test_split_refuses_a_modified_raw_copy(tmp_path, tiny_imagefolder_tgz):
     with pytest.raises(DataError, match="modified"):
         prepare(tmp_path / "raw", tmp_path / "prepared", params)
     with pytest.raises(DataError, match="holds dataset 'imagefolder' but data.dataset is 'cifar10'"):
-        prepare(tmp_path / "raw", tmp_path / "prepared", DataParams())
+        prepare(tmp_path / "raw", tmp_path / "prepared", data_params())
 
 
 def test_missing_source_and_prepared_files_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="not found.*path of the archive"):
         download(folder_params(tmp_path / "nope.tar.gz"), tmp_path / "raw")
     with pytest.raises(DataError, match="dvc repro download"):
-        prepare(tmp_path / "raw", tmp_path / "prepared", DataParams())
+        prepare(tmp_path / "raw", tmp_path / "prepared", data_params())
     with pytest.raises(DataError, match="dvc repro split"):
         load_split(tmp_path, "train")
     with pytest.raises(DataError, match="dvc repro split"):
@@ -491,7 +612,7 @@ def test_unreachable_url_fails_fast_with_the_offline_hint(tmp_path):
     url = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # discard port: nothing listens
     start = time.monotonic()
     with pytest.raises(DataError) as err:
-        download(DataParams(source=url, timeout=5), tmp_path / "out" / "raw")
+        download(data_params(source=url, timeout=5), tmp_path / "out" / "raw")
     assert time.monotonic() - start < 5
     msg = str(err.value)
     assert url in msg and "data.source" in msg and "dvc exp run -S data.dataset=imagefolder" in msg
@@ -499,7 +620,7 @@ def test_unreachable_url_fails_fast_with_the_offline_hint(tmp_path):
 
 
 def test_download_stage_reports_an_unreachable_url_in_one_line(tmp_path):
-    (tmp_path / "params.yaml").write_text("data:\n  source: http://127.0.0.1:9/cifar-10-python.tar.gz\n")
+    write_raw_params(tmp_path / "params.yaml", source="http://127.0.0.1:9/cifar-10-python.tar.gz")
     r = stage("download.py", tmp_path, timeout=60)
     assert r.returncode == 1
     errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln]
@@ -574,16 +695,20 @@ def test_dvc_repro_split_then_nothing_to_do(tmp_path, tiny_imagefolder_tgz):
     if shutil.which("git") is None or not (BIN / "dvc").exists():
         pytest.skip("needs git and dvc")
     repo = tmp_path / "repo"
-    (repo / "stages").mkdir(parents=True)
-    (repo / "src" / "resnet").mkdir(parents=True)
-    for rel in ("stages/download.py", "stages/split.py", "src/resnet/data.py"):
-        shutil.copy(ROOT / rel, repo / rel)
+    repo.mkdir()
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stages = {k: pipeline["stages"][k] for k in ("download", "split")}
+    # The code the two stages depend on, as dvc.yaml lists it (files and package folders).
+    for rel in sorted({d for s in stages.values() for d in s["deps"] if d.startswith(("src/", "stages/"))}):
+        if (ROOT / rel).is_dir():
+            shutil.copytree(ROOT / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, repo / rel)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    # DVC wants every param dvc.yaml names to be in params.yaml.
-    data = dataclasses.asdict(folder_params(tiny_imagefolder_tgz, val_fraction=0.2))
-    (repo / "params.yaml").write_text(yaml.safe_dump({"data": data}))
+    params = repo_params({"data.dataset": "imagefolder", "data.source": str(tiny_imagefolder_tgz),
+                          "data.val_fraction": 0.2})
+    (repo / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params)))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
            "RESNET_NO_PROGRESS": "1", "GIT_CONFIG_NOSYSTEM": "1"}
 
@@ -605,7 +730,7 @@ def test_dvc_repro_split_then_nothing_to_do(tmp_path, tiny_imagefolder_tgz):
 
 def test_relative_data_source_resolves_from_the_repository_in_dvc_temp_copies(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from resnet.data import _source_kind
+    from resnet.data.sources import _source_kind
 
     (tmp_path / "archive.tar.gz").write_bytes(b"")
     temp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpq1"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from resnet.config import AugmentParams
-from resnet.data import load_meta, load_split
+from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
 
 NO_AUG = AugmentParams(crop_padding=0, flip=False, cutout=0)
@@ -46,7 +46,7 @@ def test_eval_batches_shapes_dtypes_and_normalisation():
 
 def test_eval_order_is_fixed_and_ignores_augment_and_epoch():
     x, y = images(7), np.arange(7)
-    loader = DeviceLoader(x, y, 3, mean=[0] * 3, std=[1] * 3, augment=AugmentParams(cutout=4))
+    loader = DeviceLoader(x, y, 3, mean=[0] * 3, std=[1] * 3, augment=AugmentParams(crop_padding=4, flip=True, cutout=4))
     first = collect(loader)
     loader.set_epoch(5)
     second = collect(loader)

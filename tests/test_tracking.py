@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from paramsets import data_params, repo_params
 from PIL import Image
 
-from resnet import tracking
+from resnet import predict, tracking
 from resnet.checkpoint import save_checkpoint
-from paramsets import repo_params
-
 from resnet.config import to_flat_dict
+from resnet.data.sources import download
+from resnet.data.split import prepare
+from resnet.data.store import load_split
+from resnet.loader import DeviceLoader
 from resnet.models import build_model
 
 CLASSES = ["cat", "dog", "ship"]
@@ -201,3 +204,86 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "nope" in proc.stderr
 
+
+# --------------------------------------------------------------------------- pyfunc: any size, 1 or 3 channels
+
+
+def _image_folder_for_inference(root: Path) -> list[Path]:
+    """train/<class>/ noise images, and test/cat/ a 64x64 RGB and a 40x24 grayscale file; returns the two.
+
+    Noise, not smooth pictures: every resize and rounding difference shows in the pixels.
+    """
+    rng = np.random.default_rng(3)
+    for cls in CLASSES:
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "train" / cls / f"{i}.png")
+    (root / "test" / "cat").mkdir(parents=True)
+    files = [root / "test" / "cat" / "a-rgb.png", root / "test" / "cat" / "b-gray.png"]
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(files[0])
+    Image.fromarray(rng.integers(0, 256, (40, 24), dtype=np.uint8)).save(files[1])  # mode L
+    return files
+
+
+def _train_tiny(prepared: Path, meta: dict, channels: int) -> torch.nn.Module:
+    """A resnet20 (width 0.25) after one SGD step on the prepared train split, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", len(CLASSES), channels, width_multiplier=0.25)
+    x, y = load_split(prepared, "train")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for xb, yb in DeviceLoader(x, y, 4, mean=meta["mean"], std=meta["std"], train=True):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return model.eval()
+
+
+def _training_time_probs(model: torch.nn.Module, images: np.ndarray, meta: dict) -> np.ndarray:
+    """Probabilities of split-stage pixels, normalised as in training, one image per batch."""
+    probs = []
+    with torch.inference_mode():
+        for i in range(len(images)):
+            (x, _), = DeviceLoader(images[i:i + 1], np.zeros(1, dtype=np.int64), 1, mean=meta["mean"],
+                                   std=meta["std"])
+            probs.append(torch.softmax(model(x), dim=1).numpy()[0])
+    return np.array(probs, dtype=np.float64)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_pyfunc_takes_any_size_and_grayscale_exactly_as_training_does(repo: Path, channels: int) -> None:
+    """A 64x64 RGB image and a grayscale one, 16x16 training images: the logged model, `resnet.predict`
+    and the split stage + training normalisation give the same probabilities, bit for bit."""
+    files = _image_folder_for_inference(repo / "folder")
+    dparams = data_params(dataset="imagefolder", source=str(repo / "folder"), image_size=16, channels=channels,
+                          val_fraction=0.34)
+    download(dparams, repo / "raw")
+    meta = prepare(repo / "raw", repo / "prepared", dparams)
+    split_pixels, _ = load_split(repo / "prepared", "test")  # the two test files, as training sees them
+    assert split_pixels.shape == (2, 16, 16, channels)
+    model = _train_tiny(repo / "prepared", meta, channels)
+    expected = _training_time_probs(model, split_pixels, meta)
+    save_checkpoint(Path("models/best.pt"), {
+        "arch": {"name": "resnet20", "num_classes": len(CLASSES), "in_channels": channels,
+                 "options": {"width_multiplier": 0.25}},
+        "model": model.state_dict(), "classes": meta["classes"], "mean": meta["mean"], "std": meta["std"],
+        "image_size": meta["image_size"], "epoch": 1,
+    })
+    params = repo_params()
+    with tracking.start_run(params, META, "cpu", "models/run.json"):
+        pass
+    with tracking.continue_run(params, "models/run.json") as run:
+        uri = tracking.log_model(run, "models/best.pt", split_pixels)
+
+    loaded = mlflow.pyfunc.load_model(uri)
+    rgb = np.asarray(Image.open(files[0]))[None]  # (1, 64, 64, 3)
+    gray = np.asarray(Image.open(files[1]))[None, ..., None]  # (1, 40, 24, 1)
+    for i, images in enumerate((rgb, gray)):
+        out = loaded.predict(images)
+        np.testing.assert_array_equal(out.filter(like="prob_").to_numpy(), expected[i:i + 1])
+        assert out["label"].tolist() == [CLASSES[int(expected[i].argmax())]]
+    # resnet.predict reads the files and lets the model resize, then convert, as the split stage did.
+    table = predict.predict_files(loaded, files)
+    np.testing.assert_array_equal(table.filter(like="prob_").to_numpy(), expected)
+
+    with pytest.raises(Exception, match=r"C = 1 \(grayscale\) or 3 \(RGB\).*\(1, 8, 8, 4\)"):
+        loaded.predict(np.zeros((1, 8, 8, 4), dtype=np.uint8))  # RGBA: refused, naming the shape

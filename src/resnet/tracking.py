@@ -36,8 +36,10 @@ from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
+from resnet import preprocess
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
 from resnet.config import Params, TrackingParams, to_flat_dict
+from resnet.loader import DeviceLoader
 from resnet.utils import PipelineError, read_json, repo_root, workspace_root, write_json
 
 __all__ = [
@@ -288,10 +290,14 @@ def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
 class ResNetClassifier(mlflow.pyfunc.PythonModel):
     """Raw images in, class probabilities and labels out.
 
-    Input: uint8 array (N, H, W, C), as images are decoded (PIL, OpenCV, imageio).
-    Images of another size are resized to the training size. Output: a DataFrame with
-    ``label`` (class name), ``class_index``, ``confidence`` and one ``prob_<class>``
-    column per class.
+    Input: uint8 array (N, H, W, C) of any height and width, C = 3 (RGB) or 1
+    (grayscale), as images are decoded (PIL, OpenCV, imageio). Each image goes the
+    split stage's way to the model's input (:func:`resnet.preprocess.batch_pixels`:
+    RGB, resize to the training size, grayscale for a 1-channel model), then the
+    training normalisation (:class:`resnet.loader.DeviceLoader`). MLflow's schema
+    check wants 4 dimensions: pass a grayscale batch as (N, H, W, 1). Output: a
+    DataFrame with ``label`` (class name), ``class_index``, ``confidence`` and one
+    ``prob_<class>`` column per class.
     """
 
     batch_size = 256
@@ -300,31 +306,19 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
         self.model = model_from_checkpoint(ckpt).eval()
         self.classes = list(ckpt["classes"])
-        self.image_size = tuple(ckpt.get("image_size") or ())
+        self.image_size = preprocess.as_size(ckpt.get("image_size"))
         self.channels = ckpt["arch"]["in_channels"]
-        self.mean = torch.tensor(ckpt["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(ckpt["std"], dtype=torch.float32).view(1, -1, 1, 1)
-
-    def _preprocess(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.ascontiguousarray(images))
-        if x.ndim == 3:  # (N, H, W) grayscale
-            x = x.unsqueeze(-1)
-        if x.ndim != 4 or x.shape[-1] != self.channels:
-            raise ValueError(f"expected uint8 images (N, H, W, {self.channels}), got shape {tuple(x.shape)}")
-        x = x.permute(0, 3, 1, 2).float() / 255.0
-        if self.image_size and tuple(x.shape[-2:]) != self.image_size:
-            x = torch.nn.functional.interpolate(x, size=self.image_size, mode="bilinear", antialias=True,
-                                                align_corners=False)
-        return (x - self.mean) / self.std
+        self.mean, self.std = list(ckpt["mean"]), list(ckpt["std"])
 
     # np.ndarray: MLflow infers no schema from it (the logged signature describes the input).
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        images = np.asarray(model_input)
+        images = preprocess.batch_pixels(np.asarray(model_input), self.image_size, self.channels)
         probs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                x = self._preprocess(images[start : start + self.batch_size])
-                probs.append(torch.softmax(self.model(x), dim=1))
+        if len(images):
+            loader = DeviceLoader(images, np.zeros(len(images), dtype=np.int64), self.batch_size,
+                                  mean=self.mean, std=self.std, device="cpu")
+            with torch.inference_mode():
+                probs = [torch.softmax(self.model(x), dim=1) for x, _ in loader]
         p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
         idx = p.argmax(axis=1)
         out = pd.DataFrame({
@@ -337,11 +331,11 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         return out
 
 
-def _signature(ckpt: dict[str, Any], example: np.ndarray) -> ModelSignature:
-    h, w, c = example.shape[1:]
+def _signature(ckpt: dict[str, Any]) -> ModelSignature:
+    """uint8 images of any number, height, width and channels in (the model refuses C not 1 or 3)."""
     outputs = [ColSpec("string", "label"), ColSpec("long", "class_index"), ColSpec("double", "confidence")]
     outputs += [ColSpec("double", f"prob_{name}") for name in ckpt["classes"]]
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c))]), outputs=Schema(outputs))
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]), outputs=Schema(outputs))
 
 
 def log_model(run: PipelineRun, checkpoint_path: str | Path, example_images: np.ndarray) -> str:
@@ -376,6 +370,8 @@ def _quiet(logger: str) -> Iterator[None]:
 
 
 def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.ndarray) -> Any:
+    import PIL
+
     import resnet
 
     return mlflow.pyfunc.log_model(
@@ -383,11 +379,12 @@ def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.n
         python_model=ResNetClassifier(),
         artifacts={"checkpoint": str(checkpoint_path)},
         code_paths=[str(Path(resnet.__file__).parent)],
-        signature=_signature(ckpt, example),
+        signature=_signature(ckpt),
         input_example=example,
         # Pinned explicitly: inferring requirements starts a subprocess that loads the model.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                          f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}", "pyyaml"],
+                          f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}",
+                          f"pillow=={PIL.__version__}", "pyyaml"],
     )
 
 
@@ -461,13 +458,15 @@ def register_model(run: PipelineRun, model_uri: str, name: str, metric: str,
 # --------------------------------------------------------------------------- inference
 
 
-def load_pyfunc(model_uri: str, params: TrackingParams | None = None) -> tuple[Any, tuple[int, ...]]:
-    """Load a logged model (``models:/name@champion``, ``runs:/...``, a path) and its input shape."""
-    uri = resolve_tracking_uri(params or TrackingParams())
+def load_pyfunc(model_uri: str, params: TrackingParams | None = None) -> Any:
+    """Load a logged model (``models:/name@champion``, ``runs:/...``, a path) from the pipeline's store.
+
+    ``params`` None: the store of MLFLOW_TRACKING_URI, else mlflow.db at the repository root.
+    """
+    # Only tracking.uri matters here; the experiment name does not.
+    uri = resolve_tracking_uri(params or TrackingParams(uri=None, experiment=""))
     _point_mlflow_at(uri)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         raise TrackingError(f"cannot load {model_uri} from {uri}: {str(e).splitlines()[0]}") from e
-    spec = model.metadata.get_input_schema().inputs[0]
-    return model, tuple(spec.shape)
