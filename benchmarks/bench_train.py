@@ -10,8 +10,8 @@ per-step host reads), exactly as the train stage runs it.
 
 Both train the same model from the same data for a fixed number of steps after a
 warm-up; rounds alternate between the two, and the median is reported. They run in
-one process, so process-wide settings (threads, configure_torch's malloc setting)
-apply to both: the ratio is what the loop itself gains.
+one process, so process-wide settings (threads, and on CPU keep_freed_memory's malloc
+setting, as the train stage makes it) apply to both: the ratio is what the loop itself gains.
 
     python benchmarks/bench_train.py [--models resnet20 resnet18] [--steps 30] [--rounds 2]
 
@@ -38,9 +38,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from resnet.config import load_params
-from resnet.data import load_meta, load_split
+from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
-from resnet.training import build_training, configure_torch, train_one_epoch
+from resnet.runtime import configure_torch, keep_freed_memory
+from resnet.training import build_training, train_one_epoch
 
 #: Model options per benchmarked name (resnet18 with the CIFAR stem, as for 32x32 images).
 MODELS = {"resnet20": {"name": "resnet20"}, "resnet18": {"name": "resnet18", "stem": "cifar"}}
@@ -77,14 +78,15 @@ def our_rate(params, meta: dict, images: np.ndarray, labels: np.ndarray, device:
              warmup: int, steps: int) -> float:
     """Images/s of train_one_epoch (the train stage's loop) over `steps` batches, after a `warmup`-batch epoch."""
     batch = params.train.batch_size
-    model, optimizer, scheduler, scaler, criterion = build_training(params, meta, device, warmup + steps)
-    model.train()
+    parts = build_training(params, meta, device, warmup + steps)
+    parts.model.train()
     rate = 0.0
     for lo, hi in ((0, warmup * batch), (warmup * batch, (warmup + steps) * batch)):
         loader = DeviceLoader(images[lo:hi], labels[lo:hi], batch, mean=meta["mean"], std=meta["std"],
                               device=device, train=True, augment=params.train.augment,
                               channels_last=params.train.channels_last)
-        rate = train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion)["images_per_sec"]
+        rate = train_one_epoch(parts.model, loader, parts.optimizer, parts.scheduler, parts.scaler,
+                               parts.criterion)["images_per_sec"]
     return rate
 
 
@@ -103,6 +105,8 @@ def main() -> int:
 
     base = load_params(args.params)
     device = configure_torch(base.train)
+    if device.type == "cpu":
+        keep_freed_memory()  # as stages/train.py does
     images, labels = load_split(args.prepared, "train")
     meta = load_meta(args.prepared)
     machine = machine_info(device)
@@ -121,7 +125,7 @@ def main() -> int:
         for r in range(args.rounds):
             rates["ours"].append(our_rate(params, meta, images, labels, device, args.warmup, steps))
             torch.manual_seed(0)
-            model = build_training(params, meta, torch.device("cpu"), 1)[0].to(memory_format=torch.contiguous_format)
+            model = build_training(params, meta, torch.device("cpu"), 1).model.to(memory_format=torch.contiguous_format)
             rates["tutorial"].append(tutorial_rate(model, images, labels, meta, batch, args.workers,
                                                    args.warmup, steps))
             print(f"{name} round {r + 1}: ours {rates['ours'][-1]:.0f} img/s, "

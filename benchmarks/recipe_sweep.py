@@ -31,10 +31,11 @@ from bench_loader import machine_info
 
 from resnet.checkpoint import load_checkpoint
 from resnet.config import parse_params
-from resnet.data import load_meta, load_split
+from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
 from resnet.models import count_parameters
-from resnet.training import autocast, configure_torch, fit
+from resnet.runtime import autocast, configure_torch, keep_freed_memory
+from resnet.training import fit
 from resnet.utils import setup_logging
 
 
@@ -90,6 +91,8 @@ def main() -> int:
         params = parse_params(apply_overrides(base, overrides))
         tp = params.train
         device = configure_torch(tp)
+        if device.type == "cpu" and machine is None:
+            keep_freed_memory()  # as stages/train.py does, once per process
         machine = machine or machine_info(device)
         norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
         train = DeviceLoader(*splits["train"], tp.batch_size, train=True, augment=tp.augment, seed=tp.seed, **norm)

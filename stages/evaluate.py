@@ -7,45 +7,31 @@ pipeline's MLflow run. Nothing is written when params, checkpoint or data are un
 """
 
 import sys
-from pathlib import Path
 
-from resnet import tracking
+from resnet import paths, tracking
 from resnet.config import Params
-from resnet.evaluation import (
-    evaluate_checkpoint,
-    plot_confusion_matrix,
-    plot_misclassified,
-    write_confusion_csv,
-    write_per_class_csv,
-)
+from resnet.evaluation import evaluate_checkpoint
+from resnet.plots import plot_confusion_matrix, plot_misclassified, write_confusion_csv, write_per_class_csv
 from resnet.stage import run_stage
 from resnet.utils import resolve_device, write_json
-
-RUN_FILE = Path("models/run.json")
-METRICS = Path("metrics/test.json")
-PLOTS = Path("plots/test")
-CONFUSION_CSV = PLOTS / "confusion.csv"
-PER_CLASS_CSV = PLOTS / "per_class.csv"
-CONFUSION_PNG = PLOTS / "confusion.png"
-MISCLASSIFIED_PNG = PLOTS / "misclassified.png"
 
 
 def run(params: Params) -> None:
     ev = evaluate_checkpoint(params.evaluate.checkpoint, "test", params.evaluate.batch_size,
                              device=resolve_device(params.train.device))
     # Plots first, metrics last: a metrics/test.json on disk means the whole set was written.
-    write_confusion_csv(CONFUSION_CSV, ev.result, ev.classes)
-    write_per_class_csv(PER_CLASS_CSV, ev.result, ev.classes)
-    plot_confusion_matrix(CONFUSION_PNG, ev.result.confusion, ev.classes,
+    write_confusion_csv(paths.TEST_CONFUSION, ev.result, ev.classes)
+    write_per_class_csv(paths.TEST_PER_CLASS, ev.result, ev.classes)
+    plot_confusion_matrix(paths.TEST_CONFUSION_PNG, ev.result.confusion, ev.classes,
                           title=f"Test confusion matrix ({ev.checkpoint.name}), accuracy {ev.result.accuracy:.2%}")
-    plot_misclassified(MISCLASSIFIED_PNG, ev.images, ev.result, ev.classes,
+    plot_misclassified(paths.TEST_MISCLASSIFIED_PNG, ev.images, ev.result, ev.classes,
                        limit=params.evaluate.misclassified_examples)
-    write_json(METRICS, ev.metrics("test"))
+    write_json(paths.TEST_METRICS, ev.metrics("test"))
 
-    with tracking.continue_run(params, RUN_FILE) as mlrun:
+    with tracking.continue_run(params, paths.RUN_FILE) as mlrun:
         mlrun.log_metrics(ev.result.flat_metrics("test"))
-        mlrun.log_artifacts([METRICS, CONFUSION_CSV, PER_CLASS_CSV, CONFUSION_PNG, MISCLASSIFIED_PNG],
-                            artifact_path="test")
+        mlrun.log_artifacts([paths.TEST_METRICS, paths.TEST_CONFUSION, paths.TEST_PER_CLASS, paths.TEST_CONFUSION_PNG,
+                             paths.TEST_MISCLASSIFIED_PNG], artifact_path="test")
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """DVC stage `train`: data/prepared -> models/{best,last}.pt, models/run.json, metrics and history.
 
 Rerunning after an interruption resumes from models/last.pt when it belongs to the
-same params and data and did not finish (resnet.training.find_resume_checkpoint).
+same params and data and did not finish (resnet.resume.find_resume_checkpoint).
 """
 
 from __future__ import annotations
@@ -12,21 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from resnet import tracking
+from resnet import paths, tracking
 from resnet.config import Params
-from resnet.data import load_meta, load_split
+from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
+from resnet.resume import find_resume_checkpoint
+from resnet.runtime import configure_torch, keep_freed_memory
 from resnet.stage import run_stage
-from resnet.training import HISTORY_FIELDS, TrainResult, configure_torch, find_resume_checkpoint, fit
+from resnet.training import HISTORY_FIELDS, TrainResult, fit
 from resnet.utils import atomic_path, write_json
 
 log = logging.getLogger("stages.train")
-
-PREPARED = Path("data/prepared")
-MODELS = Path("models")
-METRICS = Path("metrics/train.json")
-HISTORY = Path("plots/train/history.csv")
-RUN_INFO = MODELS / "run.json"
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -61,34 +57,37 @@ def _summary(result: TrainResult) -> dict[str, Any]:
 def run(params: Params) -> None:
     tp = params.train
     device = configure_torch(tp)
-    meta = load_meta(PREPARED)
-    (train_x, train_y), (val_x, val_y) = load_split(PREPARED, "train"), load_split(PREPARED, "val")
+    if device.type == "cpu":
+        # Process-wide, so here and not in the package: CPU steps then reuse freed activation memory.
+        keep_freed_memory()
+    meta = load_meta(paths.PREPARED)
+    (train_x, train_y), (val_x, val_y) = load_split(paths.PREPARED, "train"), load_split(paths.PREPARED, "val")
     norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
     train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed,
                                 **norm)
     val_loader = DeviceLoader(val_x, val_y, tp.batch_size, train=False, **norm)
-    resume = find_resume_checkpoint(params, meta, MODELS)
+    resume = find_resume_checkpoint(params, meta, paths.MODELS)
 
     # A resumed training logs into the MLflow run of the interrupted one.
     run_id = (resume or {}).get("extra", {}).get("run_id")
-    with tracking.start_run(params, meta, device, RUN_INFO, resume_run_id=run_id) as mlrun:
+    with tracking.start_run(params, meta, device, paths.RUN_FILE, resume_run_id=run_id) as mlrun:
         if resume and resume.get("history"):
             # The epoch saved just before the interruption may not have reached MLflow.
             last = resume["history"][-1]
             mlrun.log_epoch(int(last["epoch"]), last)
-        result = fit(params, meta, train_loader, val_loader, MODELS, resume=resume,
+        result = fit(params, meta, train_loader, val_loader, paths.MODELS, resume=resume,
                      extra={"run_id": mlrun.run_id}, on_epoch=mlrun.log_epoch)
         summary = _summary(result)
-        write_json(METRICS, summary)
-        _write_history(HISTORY, result.history)
+        write_json(paths.TRAIN_METRICS, summary)
+        _write_history(paths.TRAIN_HISTORY, result.history)
         mlrun.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_epoch"})
-        mlrun.log_artifacts([METRICS, HISTORY], artifact_path="train")
+        mlrun.log_artifacts([paths.TRAIN_METRICS, paths.TRAIN_HISTORY], artifact_path="train")
     log.info("trained %d epochs: best %s %.4f at epoch %d -> %s", result.epochs_completed, result.metric_name,
              result.best_metric, result.best_epoch, result.best_path)
 
 
 def main() -> int:
-    return run_stage(run, on_interrupt=f"rerun the stage (dvc repro) to resume from {MODELS / 'last.pt'}")
+    return run_stage(run, on_interrupt=f"rerun the stage (dvc repro) to resume from {paths.LAST_CHECKPOINT}")
 
 
 if __name__ == "__main__":

@@ -7,32 +7,27 @@ written when params, checkpoint or data are unusable.
 """
 
 import sys
-from pathlib import Path
 
-from resnet import tracking
+from resnet import paths, tracking
 from resnet.config import Params
-from resnet.evaluation import evaluate_checkpoint, write_confusion_csv, write_per_class_csv
+from resnet.evaluation import evaluate_checkpoint
+from resnet.plots import write_confusion_csv, write_per_class_csv
 from resnet.stage import run_stage
 from resnet.utils import resolve_device, write_json
-
-RUN_FILE = Path("models/run.json")
-METRICS = Path("metrics/val.json")
-CONFUSION_CSV = Path("plots/val/confusion.csv")
-PER_CLASS_CSV = Path("plots/val/per_class.csv")
 
 
 def run(params: Params) -> None:
     ev = evaluate_checkpoint(params.validate.checkpoint, "val", params.validate.batch_size,
                              device=resolve_device(params.train.device))
     # Metrics last: a metrics/val.json on disk means the whole set was written.
-    write_confusion_csv(CONFUSION_CSV, ev.result, ev.classes)
-    write_per_class_csv(PER_CLASS_CSV, ev.result, ev.classes)
-    write_json(METRICS, ev.metrics("val"))
+    write_confusion_csv(paths.VAL_CONFUSION, ev.result, ev.classes)
+    write_per_class_csv(paths.VAL_PER_CLASS, ev.result, ev.classes)
+    write_json(paths.VAL_METRICS, ev.metrics("val"))
 
-    with tracking.continue_run(params, RUN_FILE) as mlrun:
+    with tracking.continue_run(params, paths.RUN_FILE) as mlrun:
         # step = the checkpoint's epoch, so the point sits on training's val curves.
         mlrun.log_metrics(ev.result.flat_metrics("val"), step=ev.epoch)
-        mlrun.log_artifacts([METRICS, CONFUSION_CSV, PER_CLASS_CSV], artifact_path="val")
+        mlrun.log_artifacts([paths.VAL_METRICS, paths.VAL_CONFUSION, paths.VAL_PER_CLASS], artifact_path="val")
 
 
 def main() -> int:

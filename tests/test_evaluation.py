@@ -8,6 +8,7 @@ temporary directory holding tiny data, a tiny checkpoint and a tiny params.yaml.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -24,21 +25,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from paramsets import repo_params
 from torch import nn
 
-from resnet import tracking
+from resnet import paths, tracking
 from resnet.checkpoint import save_checkpoint
-from resnet.config import Params
 from resnet.evaluation import (
     EvalResult,
     EvaluationError,
     confusion_matrix,
     evaluate,
     per_class_metrics,
-    plot_confusion_matrix,
-    plot_misclassified,
+    trained_with,
 )
 from resnet.loader import DeviceLoader
+from resnet.plots import plot_confusion_matrix, plot_misclassified
 from resnet.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,52 @@ def test_evaluate_on_known_logits() -> None:
     assert smoothed.accuracy == result.accuracy
 
 
+def test_evaluate_loss_does_not_depend_on_the_batching() -> None:
+    """Training validates at train.batch_size, the validate stage at validate.batch_size: same loss, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(1000, 10, generator=gen) * 3, torch.randint(0, 10, (1000,), generator=gen)
+
+    def loss(batch: int) -> float:
+        batches = [(logits[i:i + batch], labels[i:i + batch]) for i in range(0, 1000, batch)]
+        return evaluate(nn.Flatten(), batches, 10, device="cpu").loss
+
+    assert loss(7) == loss(128) == loss(500) == loss(1000)
+    assert loss(1000) == pytest.approx(F.cross_entropy(logits.double(), labels).item(), rel=1e-7)
+
+
+class _AutocastProbe(nn.Module):
+    """Passes its input through, noting whether CPU autocast is on and to which dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.dtype | None] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        on = torch.is_autocast_enabled("cpu")
+        self.seen.append(torch.get_autocast_dtype("cpu") if on else None)
+        return x
+
+
+def test_evaluate_runs_the_forward_pass_in_the_precision_asked() -> None:
+    logits, labels = _known_logits()
+    probe = _AutocastProbe()
+    plain = evaluate(probe, [(logits, labels)], 6)
+    half = evaluate(probe, [(logits, labels)], 6, precision="bf16")
+    assert probe.seen == [None, torch.bfloat16]
+    assert half.loss == plain.loss  # the loss is computed in fp32 from the logits, outside autocast
+    evaluate(probe, [(logits, labels)], 6, precision="fp16")
+    assert probe.seen[-1] == torch.float16
+
+
+def test_checkpoints_are_evaluated_as_their_training_validated_them() -> None:
+    cpu = torch.device("cpu")
+    trained = {"params": {"train": {"precision": "bf16", "channels_last": True}}}
+    assert trained_with(trained, cpu) == ("fp32", True)  # CPU runs half precision in fp32, as training did
+    assert trained_with({"params": {"train": {"precision": "fp32", "channels_last": False}}}, cpu) == ("fp32", False)
+    assert trained_with({"params": {}}, cpu) == ("fp32", False)  # a hand-made checkpoint: plain fp32
+
+
 def test_topk_uses_all_classes_when_fewer_than_five() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
     result = evaluate(nn.Flatten(), [(logits, torch.tensor([0, 2]))], 3, device="cpu")
@@ -242,7 +289,7 @@ def test_flat_metrics_share_names_across_prefixes() -> None:
     assert list(val) == [f"val_{k}" for k in SCALARS]
     assert [k.removeprefix("test_") for k in test] == [k.removeprefix("val_") for k in val]
     assert all(isinstance(v, float) for v in test.values())
-    assert result.flat_metrics() == dict(zip(SCALARS, test.values()))
+    assert result.flat_metrics() == dict(zip(SCALARS, test.values(), strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -324,13 +371,17 @@ def _checkpoint_state(classes: list[str], seed: int, epoch: int) -> dict:
     }
 
 
+def _stage_params(validate_ckpt: str = "best", evaluate_ckpt: str = "best", misclassified: int = 9) -> dict:
+    """The repository's params.yaml, for the CPU and the tiny checkpoints, as a plain mapping."""
+    return dataclasses.asdict(repo_params({
+        "train.device": "cpu", "validate.checkpoint": validate_ckpt, "validate.batch_size": 5,
+        "evaluate.checkpoint": evaluate_ckpt, "evaluate.batch_size": 5,
+        "evaluate.misclassified_examples": misclassified,
+    }))
+
+
 def _write_params(validate_ckpt: str = "best", evaluate_ckpt: str = "best", misclassified: int = 9) -> None:
-    params = {
-        "train": {"device": "cpu"},
-        "validate": {"checkpoint": validate_ckpt, "batch_size": 5},
-        "evaluate": {"checkpoint": evaluate_ckpt, "batch_size": 5, "misclassified_examples": misclassified},
-    }
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    paths.PARAMS.write_text(yaml.safe_dump(_stage_params(validate_ckpt, evaluate_ckpt, misclassified)))
 
 
 @pytest.fixture()
@@ -338,7 +389,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A repository-shaped temp dir: params.yaml, data/prepared, models/{best,last}.pt."""
     monkeypatch.chdir(tmp_path)
     _write_params()
-    prepared = tmp_path / "data" / "prepared"
+    prepared = tmp_path / paths.PREPARED
     prepared.mkdir(parents=True)
     counts = {}
     for seed, (split, n) in enumerate({"train": 12, "val": N_VAL, "test": N_TEST}.items()):
@@ -347,18 +398,18 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         counts[split] = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
     meta = {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": [8, 8],
             "channels": 3, "counts": counts, "source": "synthetic", "source_sha256": "0" * 64}
-    (prepared / "meta.json").write_text(json.dumps(meta))
-    save_checkpoint(tmp_path / "models" / "best.pt", _checkpoint_state(CLASSES, seed=0, epoch=3))
-    save_checkpoint(tmp_path / "models" / "last.pt", _checkpoint_state(CLASSES, seed=1, epoch=5))
+    (tmp_path / paths.META).write_text(json.dumps(meta))
+    save_checkpoint(tmp_path / paths.BEST_CHECKPOINT, _checkpoint_state(CLASSES, seed=0, epoch=3))
+    save_checkpoint(tmp_path / paths.LAST_CHECKPOINT, _checkpoint_state(CLASSES, seed=1, epoch=5))
     # The MLflow run the train stage would have created, in a SQLite store in tmp_path.
     subprocess.run(["git", "init", "-q"], check=True)
-    with tracking.start_run(Params(), meta, "cpu", "models/run.json"):
+    with tracking.start_run(repo_params(), meta, "cpu", paths.RUN_FILE):
         pass
     return tmp_path
 
 
 def _run_data() -> mlflow.entities.RunData:
-    run_id = json.loads(Path("models/run.json").read_text())["run_id"]
+    run_id = json.loads(paths.RUN_FILE.read_text())["run_id"]
     return mlflow.get_run(run_id).data
 
 
@@ -382,7 +433,7 @@ def _output_files(root: Path) -> list[Path]:
 
 
 def _labels(split: str) -> np.ndarray:
-    with np.load(Path("data/prepared") / f"{split}.npz") as f:
+    with np.load(paths.PREPARED / f"{split}.npz") as f:
         return f["labels"]
 
 
@@ -403,21 +454,21 @@ def test_validate_stage(workspace: Path, monkeypatch: pytest.MonkeyPatch, choice
 
     for path in _declared_outputs("validate"):
         assert path.is_file(), f"dvc.yaml declares {path} but the stage did not write it"
-    metrics = json.loads(Path("metrics/val.json").read_text())
+    metrics = json.loads(paths.VAL_METRICS.read_text())
     assert list(metrics) == [f"val_{k}" for k in SCALARS] + [
         "checkpoint", "epoch", "num_images", "num_classes", "topk"]
     assert metrics["checkpoint"] == f"models/{choice}.pt"
     assert metrics["epoch"] == epoch
     assert metrics["num_images"] == N_VAL
-    per_class = pd.read_csv("plots/val/per_class.csv")
+    per_class = pd.read_csv(paths.VAL_PER_CLASS)
     assert list(per_class["class"]) == CLASSES and per_class["support"].sum() == N_VAL
 
     # Logged to the pipeline's MLflow run, at the checkpoint's epoch.
-    run_id = json.loads(Path("models/run.json").read_text())["run_id"]
+    run_id = json.loads(paths.RUN_FILE.read_text())["run_id"]
     history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(epoch, pytest.approx(metrics["val_accuracy"]))]
 
-    frame = _check_confusion_csv(Path("plots/val/confusion.csv"), "val")
+    frame = _check_confusion_csv(paths.VAL_CONFUSION, "val")
     # The metrics file and the plot data must tell the same story.
     assert metrics["val_accuracy"] == pytest.approx((frame["actual"] == frame["predicted"]).mean())
     assert 0.0 <= metrics["val_accuracy"] <= metrics["val_top5_accuracy"] <= 1.0
@@ -431,28 +482,28 @@ def test_evaluate_stage_writes_every_declared_output(workspace: Path, monkeypatc
         assert path.is_file(), f"dvc.yaml declares {path} but the stage did not write it"
     assert _output_files(workspace) == sorted(workspace / p for p in declared), "undeclared or temp files"
 
-    metrics = json.loads(Path("metrics/test.json").read_text())
+    metrics = json.loads(paths.TEST_METRICS.read_text())
     assert list(metrics)[: len(SCALARS)] == [f"test_{k}" for k in SCALARS]
     assert 0.0 <= metrics["test_accuracy"] <= metrics["test_top5_accuracy"] <= 1.0
     assert metrics["test_loss"] > 0
     assert metrics["num_images"] == N_TEST and metrics["epoch"] == 3
 
-    frame = _check_confusion_csv(Path("plots/test/confusion.csv"), "test")
+    frame = _check_confusion_csv(paths.TEST_CONFUSION, "test")
     assert metrics["test_accuracy"] == pytest.approx((frame["actual"] == frame["predicted"]).mean())
 
-    per_class = pd.read_csv("plots/test/per_class.csv")
+    per_class = pd.read_csv(paths.TEST_PER_CLASS)
     assert list(per_class.columns) == ["class", "precision", "recall", "f1", "support", "accuracy"]
     assert list(per_class["class"]) == CLASSES
     assert per_class["support"].sum() == N_TEST
     np.testing.assert_allclose(per_class["accuracy"], per_class["recall"])
     assert metrics["test_macro_f1"] == pytest.approx(per_class["f1"].mean())
 
-    _assert_png(Path("plots/test/confusion.png"))
-    _assert_png(Path("plots/test/misclassified.png"))
+    _assert_png(paths.TEST_CONFUSION_PNG)
+    _assert_png(paths.TEST_MISCLASSIFIED_PNG)
 
     run = _run_data()
     assert run.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
-    run_id = json.loads(Path("models/run.json").read_text())["run_id"]
+    run_id = json.loads(paths.RUN_FILE.read_text())["run_id"]
     logged = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "test")}
     assert logged == {f"test/{p.name}" for p in declared}
 
@@ -460,8 +511,8 @@ def test_evaluate_stage_writes_every_declared_output(workspace: Path, monkeypatc
 def test_val_and_test_metrics_have_the_same_names(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _stage("validate", monkeypatch).main() == 0
     assert _stage("evaluate", monkeypatch).main() == 0
-    val = json.loads(Path("metrics/val.json").read_text())
-    test = json.loads(Path("metrics/test.json").read_text())
+    val = json.loads(paths.VAL_METRICS.read_text())
+    test = json.loads(paths.TEST_METRICS.read_text())
     assert [k.removeprefix("val_") for k in val] == [k.removeprefix("test_") for k in test]
 
 
@@ -469,7 +520,7 @@ def test_val_and_test_metrics_have_the_same_names(workspace: Path, monkeypatch: 
 def test_mismatched_classes_fail_clearly(workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture, stage: str) -> None:
     other = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
-    save_checkpoint("models/best.pt", _checkpoint_state(other, seed=0, epoch=3))
+    save_checkpoint(paths.BEST_CHECKPOINT, _checkpoint_state(other, seed=0, epoch=3))
     assert _stage(stage, monkeypatch).main() == 1
     message = caplog.text
     assert "models/best.pt was trained on classes" in message
@@ -480,7 +531,9 @@ def test_mismatched_classes_fail_clearly(workspace: Path, monkeypatch: pytest.Mo
 
 def test_bad_params_fail_clearly(workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                  caplog: pytest.LogCaptureFixture) -> None:
-    Path("params.yaml").write_text("evaluate:\n  checkpoint: newest\n")
+    raw = _stage_params()
+    raw["evaluate"]["checkpoint"] = "newest"
+    paths.PARAMS.write_text(yaml.safe_dump(raw))
     assert _stage("evaluate", monkeypatch).main() == 1
     assert "evaluate.checkpoint: 'newest' is not allowed" in caplog.text
     assert _output_files(workspace) == []
@@ -488,7 +541,7 @@ def test_bad_params_fail_clearly(workspace: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_truncated_checkpoint_fails_clearly_from_the_command_line(workspace: Path) -> None:
     """The real CLI: exit status 1, the CheckpointError message on stderr, no outputs."""
-    best = Path("models/best.pt")
+    best = paths.BEST_CHECKPOINT
     best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
     proc = subprocess.run([sys.executable, str(REPO / "stages" / "evaluate.py")],
                           capture_output=True, text=True, timeout=120)
@@ -501,7 +554,7 @@ def test_truncated_checkpoint_fails_clearly_from_the_command_line(workspace: Pat
 
 def test_missing_split_fails_clearly(workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                      caplog: pytest.LogCaptureFixture) -> None:
-    Path("data/prepared/val.npz").unlink()
+    (paths.PREPARED / "val.npz").unlink()
     assert _stage("validate", monkeypatch).main() == 1
     assert "data/prepared/val.npz not found" in caplog.text
     assert _output_files(workspace) == []

@@ -17,8 +17,11 @@ from test_training import make_loaders, make_meta, make_params, quadrant_task
 
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
 from resnet.config import AugmentParams
+from resnet.evaluation import evaluate
 from resnet.loader import DeviceLoader
-from resnet.training import configure_torch, evaluate, find_resume_checkpoint, fit
+from resnet.resume import find_resume_checkpoint
+from resnet.runtime import configure_torch
+from resnet.training import fit
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,7 +56,7 @@ def test_fit_on_gpu_learns_and_checkpoints_load_on_cpu(tmp_path: Path, precision
     assert result.history[-1]["val_accuracy"] > 0.9, result.history  # the quadrant task is easy
     if channels_last:
         assert result.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    ckpt = load_checkpoint(tmp_path / "last.pt")
+    ckpt = load_checkpoint(result.last_path)
     assert (ckpt["scaler"] is not None) == (precision == "fp16")  # a GradScaler only for fp16
     assert all(not k.startswith("_orig_mod") for k in ckpt["model"])
 
@@ -130,6 +133,6 @@ def test_evaluate_on_gpu_in_each_precision(precision: str) -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)).to(device)
     images, labels = quadrant_task(128, 16)
     loader = DeviceLoader(images, labels, 50, mean=meta["mean"], std=meta["std"], device=device)
-    out = evaluate(model, loader, precision)
-    assert math.isfinite(out["loss"]) and 0.0 <= out["accuracy"] <= 1.0
-    assert np.isclose(out["loss"], evaluate(model, loader, "fp32")["loss"], rtol=2e-2)
+    out = evaluate(model, loader, 4, precision=precision)
+    assert math.isfinite(out.loss) and 0.0 <= out.accuracy <= 1.0
+    assert np.isclose(out.loss, evaluate(model, loader, 4).loss, rtol=2e-2)

@@ -117,5 +117,5 @@ def test_the_stage_scripts_name_no_file_paths_themselves() -> None:
     for script in sorted((REPO / "stages").glob("*.py")):
         literals = [n.value for n in ast.walk(ast.parse(script.read_text()))
                     if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                    and n.value.startswith(("data/", "models/", "metrics/", "plots/"))]
+                    and n.value.startswith(("data/", "models/", "metrics/", "plots/")) and " " not in n.value]
         assert not literals, f"{script.name} names paths itself: {literals}; use resnet.paths"

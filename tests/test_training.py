@@ -6,8 +6,10 @@ ResNet learns it in a few epochs, so "training works" is testable in seconds.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -26,22 +28,22 @@ import pytest
 import torch
 import torchvision
 import yaml
+from paramsets import repo_params, section_changes
 from torch import nn
 
+from resnet import evaluation, optim, paths, resume, runtime, training
 from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from resnet.config import ConfigError, Params, parse_params
-from resnet import training
+from resnet.config import ConfigError, Params, override
 from resnet.loader import DeviceLoader
+from resnet.optim import build_optimizer, build_scheduler
+from resnet.resume import TrainState, find_resume_checkpoint, rng_state, set_rng_state
+from resnet.runtime import configure_torch, resolve_precision
 from resnet.training import (
     HISTORY_FIELDS,
+    EarlyStopping,
     TrainingError,
-    build_optimizer,
-    build_scheduler,
-    check_channels_last,
     create_model,
-    find_resume_checkpoint,
     fit,
-    resolve_precision,
     train_one_epoch,
 )
 from resnet.utils import seed_everything
@@ -49,6 +51,11 @@ from resnet.utils import seed_everything
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "train.py"
 TINY_MODEL = {"name": "resnet20", "width_multiplier": 0.25}
+#: The tests' changes to params.yaml's recipe: tiny batches, no augmentation, no label smoothing, one thread,
+#: and NCHW (the tiny model's 4- and 8-channel 1x1 stride-2 convolutions refuse channels_last on CPU).
+TEST_RECIPE = {"epochs": 2, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "num_threads": 1,
+               "label_smoothing": 0.0, "channels_last": False,
+               "augment": {"crop_padding": 0, "flip": False, "cutout": 0}}
 CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
@@ -83,11 +90,9 @@ def make_meta(size: int = 16, counts: dict | None = None) -> dict[str, Any]:
 
 
 def make_params(model: dict | None = None, **train: Any) -> Params:
-    """Tiny-model params; `train` overrides the recipe (small batches, no augmentation by default)."""
-    recipe = {"epochs": 2, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "num_threads": 1,
-              "augment": {"crop_padding": 0, "flip": False, "cutout": 0}}
-    recipe.update(train)
-    return parse_params({"model": model or TINY_MODEL, "train": recipe})
+    """params.yaml with a tiny model (or `model`'s keys) and TEST_RECIPE, which `train` changes further."""
+    return repo_params({**section_changes("model", model or TINY_MODEL),
+                        **section_changes("train", {**TEST_RECIPE, **train})})
 
 
 def make_loaders(params: Params, meta: dict, n_train: int = 128, n_val: int = 64, size: int = 16,
@@ -108,25 +113,32 @@ def interrupt_after(n: int):
     return on_epoch
 
 
-def load_stage_module():
-    spec = importlib.util.spec_from_file_location("train_stage", STAGE)
+def load_stage_module(name: str = "train"):
+    """stages/<name>.py as a module, imported now (so monkeypatches made before it apply to its imports)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_stage", ROOT / "stages" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def write_stage_inputs(root: Path, train: dict, n_train: int = 128, n_val: int = 64, size: int = 16) -> None:
-    """params.yaml and data/prepared/ as the split stage writes them."""
-    prepared = root / "data" / "prepared"
+def write_stage_inputs(root: Path, train: dict, n_train: int = 128, n_val: int = 64, size: int = 16,
+                       changes: dict | None = None) -> None:
+    """params.yaml and data/prepared/ as the split stage writes them.
+
+    params.yaml is the tests' tiny CPU recipe with the dotted `changes` (validated), then
+    the `train` keys written as they are (unvalidated, so a bad value reaches the stage).
+    """
+    prepared = root / paths.PREPARED
     prepared.mkdir(parents=True)
     for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
         images, labels = quadrant_task(n, size, seed)
         np.savez(prepared / f"{split}.npz", images=images, labels=labels)
-    (prepared / "meta.json").write_text(json.dumps(make_meta(size, {"train": n_train, "val": n_val})))
-    recipe = {"epochs": 2, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "num_threads": 1, "device": "cpu",
-              "augment": {"crop_padding": 2, "flip": True, "cutout": 0}}
-    recipe.update(train)
-    (root / "params.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL, "train": recipe}))
+    (root / paths.META).write_text(json.dumps(make_meta(size, {"train": n_train, "val": n_val})))
+    params = override(make_params(device="cpu", augment={"crop_padding": 2, "flip": True, "cutout": 0}),
+                      changes or {})
+    raw = dataclasses.asdict(params)
+    raw["train"].update(train)
+    (root / paths.PARAMS).write_text(yaml.safe_dump(raw))
 
 
 # ----------------------------------------------------------------------------- learning
@@ -177,9 +189,9 @@ def lr_curve(tp_params: Params, steps_per_epoch: int) -> list[float]:
 def test_cosine_warms_up_from_a_tenth_then_decays_to_near_zero() -> None:
     lrs = lr_curve(make_params(epochs=4, lr=0.2, schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
     assert lrs[0] == pytest.approx(0.02)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rises through the warm-up
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # rises through the warm-up
     assert lrs[10] == pytest.approx(0.2)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))
     assert lrs[-1] < 0.01 * 0.2
 
 
@@ -239,8 +251,6 @@ def test_sgd_and_adamw_build_and_step() -> None:
     model(torch.randn(4, 3)).sum().backward()
     adamw.step()
     assert not torch.equal(before, model.weight)
-    with pytest.raises(ConfigError, match="train.nesterov"):
-        build_optimizer(model, make_params(momentum=0.0, nesterov=True).train)
 
 
 @pytest.mark.parametrize("no_decay", [True, False])
@@ -281,17 +291,18 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path: Pat
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming"
-    drop_time = lambda h: [{k: v for k, v in m.items() if k not in ("images_per_sec", "epoch_seconds")} for m in h]
+    def drop_time(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in m.items() if k not in ("images_per_sec", "epoch_seconds")} for m in history]
     assert drop_time(whole.history) == drop_time(resumed.history)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["extra"] == {"run_id": "r1"}
 
 
 def test_rng_states_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
     seed_everything(7)
-    torch.save({"rng": training._rng_state()}, tmp_path / "rng.pt")
+    torch.save({"rng": rng_state()}, tmp_path / "rng.pt")
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     seed_everything(99)
-    training._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
@@ -309,7 +320,7 @@ def test_truncated_last_pt_is_a_clear_error_not_a_fresh_start(tmp_path: Path) ->
 
 
 def test_finished_or_mismatched_last_pt_means_a_fresh_start(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="resnet.training")
+    caplog.set_level(logging.INFO, logger="resnet.resume")
     params, meta = make_params(epochs=2), make_meta()
     with pytest.raises(KeyboardInterrupt):
         fit(params, meta, *make_loaders(params, meta), tmp_path, on_epoch=interrupt_after(1))
@@ -434,6 +445,75 @@ def test_eval_every_validates_on_schedule_and_after_the_last_epoch(tmp_path: Pat
     assert ["val_accuracy" in h for h in result.history] == [False, True, True]
 
 
+# ----------------------------------------------------------------------------- one evaluation
+
+
+def test_training_has_no_evaluation_of_its_own() -> None:
+    """fit validates with resnet.evaluation.evaluate, the function the validate stage runs."""
+    assert training.evaluate is evaluation.evaluate
+    for module in (training, resume, optim, runtime):
+        defined = [n.name for n in ast.walk(ast.parse(inspect.getsource(module)))
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "evaluat" in n.name]
+        assert not defined, f"{module.__name__} defines its own evaluation: {defined}"
+
+
+def test_train_json_and_val_json_agree_exactly_for_the_same_checkpoint(tmp_path, monkeypatch) -> None:
+    """The validate stage reproduces, to the last bit, the validation numbers training recorded for a checkpoint.
+
+    Channels-last training (shortcut A: no narrow 1x1 projections) and several validation
+    batches: an evaluation in another memory format, or summing the loss in float32, shows.
+    """
+    changes = {"model.shortcut": "A", "train.channels_last": True, "validate.batch_size": 32}
+    write_stage_inputs(tmp_path, {"epochs": 3, "lr": 0.2}, n_val=100, changes=changes)
+    monkeypatch.chdir(tmp_path)
+    assert load_stage_module("train").main() == 0
+    train = json.loads(paths.TRAIN_METRICS.read_text())
+    raw = yaml.safe_load(paths.PARAMS.read_text())
+    for which, prefix in (("best", "best"), ("last", "final")):
+        raw["validate"]["checkpoint"] = which
+        paths.PARAMS.write_text(yaml.safe_dump(raw))
+        assert load_stage_module("validate").main() == 0
+        val = json.loads(paths.VAL_METRICS.read_text())
+        assert val["checkpoint"] == str(paths.CHECKPOINTS[which])
+        assert (val["val_loss"], val["val_accuracy"]) == (train[f"{prefix}_val_loss"], train[f"{prefix}_val_accuracy"])
+
+
+def test_configure_torch_leaves_process_wide_memory_settings_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    called: list[bool] = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: called.append(True) or True)
+    assert configure_torch(make_params(device="cpu").train) == torch.device("cpu")
+    assert called == []
+
+
+# ----------------------------------------------------------------------------- the run's state
+
+
+def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    history = [{"epoch": 1, "train_loss": 1.5, "train_accuracy": 0.25}, {"epoch": 2, "train_loss": 1.25,
+               "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.625}]
+    state = TrainState(epoch=2, history=history, best_metric=0.625, best_epoch=2, bad_evals=0, stopped_early=False,
+                       extra={"run_id": "r1"})
+    torch.save(state.to_checkpoint(), tmp_path / "state.pt")
+    assert TrainState.from_checkpoint(torch.load(tmp_path / "state.pt", weights_only=True)) == state
+    assert set(state.to_checkpoint()) <= set(resume.RESUME_KEYS)  # find_resume_checkpoint asks for all of it
+
+
+def test_early_stopping_keeps_the_best_and_stops_after_patience_bad_validations() -> None:
+    stop, state = EarlyStopping("val_loss", patience=2), TrainState()
+    assert stop.update(state, {"val_loss": 1.0, "val_accuracy": 0.1}, epoch=1)  # the first is the best so far
+    assert not stop.update(state, {"val_loss": 1.0}, epoch=2)  # equal is not better
+    assert stop.update(state, {"val_loss": 0.5}, epoch=3) and state.bad_evals == 0
+    assert not stop.update(state, {"val_loss": 0.6}, epoch=4) and not state.stopped_early
+    assert not stop.update(state, {"val_loss": 0.7}, epoch=5) and state.stopped_early
+    assert (state.best_metric, state.best_epoch, state.bad_evals) == (0.5, 3, 2)
+
+    never, state = EarlyStopping("val_accuracy", patience=0), TrainState()
+    assert never.update(state, {"val_accuracy": 0.5}, epoch=1)
+    assert not any(never.update(state, {"val_accuracy": 0.4}, epoch=e) for e in range(2, 20))
+    assert not state.stopped_early and (state.best_metric, state.best_epoch) == (0.5, 1)
+    assert EarlyStopping.from_params(make_params(early_stopping_patience=3).train) == EarlyStopping("val_accuracy", 3)
+
+
 # ----------------------------------------------------------------------------- fine-tuning and paths
 
 
@@ -482,22 +562,33 @@ def test_channels_last_and_grad_clip_paths_run(tmp_path: Path, monkeypatch: pyte
     assert math.isfinite(result.history[0]["train_loss"])
 
 
-def test_channels_last_refuses_narrow_projection_shortcuts_on_cpu(tmp_path: Path) -> None:
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the rule is for CPU training; train.device auto picks the GPU")
+def test_params_refuse_nhwc_for_narrow_projection_shortcuts_on_cpu() -> None:
     # resnet20 x0.25 with shortcut B has 1x1 stride-2 convs with 4 and 8 input channels:
-    # oneDNN's NHWC backward crashes the process or returns wrong gradients there.
-    params, meta = make_params(epochs=1, channels_last=True), make_meta()
+    # oneDNN's NHWC backward crashes the process or returns wrong gradients there. Loading the params refuses it.
+    narrow = {**section_changes("model", TINY_MODEL), "train.channels_last": False}
     with pytest.raises(ConfigError, match=r"train\.channels_last.*layer2\.0\.downsample\.0.*oneDNN"):
-        fit(params, meta, *make_loaders(params, meta), tmp_path)
-    with pytest.raises(ConfigError, match=r"train\.compile"):  # inductor picks NHWC for convolutions on CPU
-        fit(make_params(epochs=1, compile=True), meta, *make_loaders(params, meta), tmp_path)
-    check_channels_last(create_model(make_params(model={"name": "resnet20"}), meta), torch.device("cpu"))  # 16: fine
+        repo_params({**narrow, "train.channels_last": True})
+    with pytest.raises(ConfigError, match=r"train\.compile.*oneDNN"):  # inductor picks NHWC for convolutions on CPU
+        repo_params({**narrow, "train.compile": True})
+    repo_params({**narrow, "train.channels_last": True, "model.shortcut": "A"})  # no 1x1 projections: fine
+    repo_params({"model.name": "resnet20", "model.width_multiplier": 1.0, "train.channels_last": True})  # 16: fine
+
+
+def test_params_refuse_nesterov_without_momentum_and_cuda_without_a_gpu() -> None:
+    with pytest.raises(ConfigError, match=r"train\.nesterov.*momentum"):
+        make_params(momentum=0.0, nesterov=True)
+    make_params(momentum=0.0, nesterov=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"train\.device: 'cuda'.*'auto' or 'cpu'"):
+            make_params(device="cuda")
 
 
 def test_half_precision_on_cpu_falls_back_to_fp32(caplog) -> None:
     cpu = torch.device("cpu")
     for requested in ("bf16", "fp16"):
         assert resolve_precision(requested, cpu) == "fp32"
-    assert "training in fp32" in caplog.text
+    assert "running in fp32" in caplog.text
     assert resolve_precision("fp32", cpu) == "fp32"
 
 
@@ -515,9 +606,12 @@ def test_torch_compile_path_trains(tmp_path: Path) -> None:
 def test_stage_writes_its_outputs_then_starts_fresh_after_a_finished_run(tmp_path, monkeypatch, caplog) -> None:
     write_stage_inputs(tmp_path, {"epochs": 2})
     monkeypatch.chdir(tmp_path)
+    kept: list[bool] = []  # the process-wide malloc setting is the stage's to make, on CPU, once
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: kept.append(True) or True)
     stage = load_stage_module()
     caplog.set_level(logging.INFO)
     assert stage.main() == 0
+    assert kept == [True]
 
     summary = json.loads(Path("metrics/train.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["device"] == "cpu" and summary["stopped_early"] is False
@@ -572,11 +666,12 @@ def test_stage_reports_a_corrupt_last_pt(tmp_path, monkeypatch, caplog) -> None:
 
 GLIBC_HEAP_PER_STEP = """
 import ctypes, json, sys, torch
-from resnet.training import keep_freed_memory
+from resnet.runtime import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
     _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
@@ -628,5 +723,7 @@ def test_freed_activation_blocks_stay_in_a_bounded_heap_for_reuse_once_memory_is
     assert all(s["heap_returned_on_free"] == 0 for s in kept), kept  # freed, but kept for reuse
     # The heap grows for a few warm-up steps (a block freed between live small chunks is
     # too small for the next aligned request) and then serves every step from freed memory.
+    # How many varies from run to run (2 to 8 seen here, with the heap's layout after the
+    # imports), so the bound is loose; what matters is that the growth stops.
     growing = [i for i, s in enumerate(kept) if s["heap_growth"] > 0]
-    assert len(growing) <= 6 and not any(i >= 15 for i in growing), kept
+    assert len(growing) <= 10 and not any(i >= 15 for i in growing), kept

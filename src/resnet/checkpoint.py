@@ -69,11 +69,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load one of our checkpoints, checking that it is complete."""
     path = Path(path)
     ckpt = _torch_load(path, map_location)
-    missing = [k for k in ("version", "arch", "model", "classes", "mean", "std") if not isinstance(ckpt, dict) or k not in ckpt]
+    required = ("version", "arch", "model", "classes", "mean", "std")
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (missing {missing})")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (missing {missing}); "
+                              "rerun training (dvc repro train) to write one")
     if ckpt["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}; this package reads up to {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}; this package reads up to "
+                              f"{CHECKPOINT_VERSION}: update the package, or retrain with this one")
     return ckpt
 
 

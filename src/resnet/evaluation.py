@@ -1,14 +1,14 @@
-"""Evaluation: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix, plots.
+"""Evaluation: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix.
 
 Reads top to bottom:
 
 * pure metric functions on NumPy arrays (:func:`confusion_matrix`,
   :func:`per_class_metrics`), easy to check by hand;
-* :class:`EvalResult` and :func:`evaluate`, which runs a model over a loader;
-* loading a checkpoint for evaluation, checking that it fits the data;
-* the files the validate and evaluate stages write: metrics JSON, DVC confusion CSV,
-  per-class CSV, and two PNGs drawn with Matplotlib's Agg canvas (no display, and no
-  global pyplot state, so importing this module never changes anyone's backend).
+* :class:`EvalResult` and :func:`evaluate`, which runs a model over a loader (training's
+  per-epoch validation runs it too, so train.json and val.json agree);
+* loading a checkpoint for evaluation, checking that it fits the data.
+
+The files the validate and evaluate stages draw from a result are in :mod:`resnet.plots`.
 
 Metric names are the same for every split; only the prefix differs (``val_accuracy``,
 ``test_accuracy``), so validation and test numbers line up in DVC and MLflow.
@@ -17,7 +17,6 @@ Metric names are the same for every split; only the prefix differs (``val_accura
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from resnet.models import ResNet
-from resnet.utils import PipelineError, atomic_path
+from resnet.paths import CHECKPOINTS, PREPARED
+from resnet.runtime import autocast, resolve_precision
+from resnet.utils import PipelineError
 
 __all__ = [
-    "CHECKPOINTS",
     "EvaluationError",
     "confusion_matrix",
     "per_class_metrics",
@@ -44,20 +42,11 @@ __all__ = [
     "evaluate",
     "load_model_for_data",
     "SplitEvaluation",
+    "trained_with",
     "evaluate_checkpoint",
-    "write_confusion_csv",
-    "write_per_class_csv",
-    "plot_confusion_matrix",
-    "plot_misclassified",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Where the params' ``checkpoint: best | last`` choice points.
-CHECKPOINTS: dict[str, Path] = {"best": Path("models/best.pt"), "last": Path("models/last.pt")}
-
-#: Beyond this many classes the per-cell counts would be unreadable, so the PNG shows colours only.
-MAX_ANNOTATED_CLASSES = 40
 
 
 class EvaluationError(PipelineError, ValueError):
@@ -231,8 +220,12 @@ def evaluate(
     *,
     device: torch.device | str | None = None,
     label_smoothing: float = 0.0,
+    precision: str = "fp32",
 ) -> EvalResult:
     """Run ``model`` over every batch of ``loader`` and compute all metrics.
+
+    The one evaluation of the package: training validates each epoch with it and the
+    validate stage evaluates the saved checkpoint with it, so both report the same numbers.
 
     Args:
         model: a classifier returning logits (N, num_classes); moved to ``device`` and put
@@ -241,10 +234,16 @@ def evaluate(
         num_classes: number of classes (the model's output size).
         device: where to compute; None = where the model's parameters are.
         label_smoothing: for the loss only (0.0 = plain cross-entropy, comparable across runs).
+        precision: fp32, or bf16/fp16 autocast for the forward pass (one that
+            :func:`resnet.runtime.resolve_precision` settled on); the loss, softmax and
+            top-k are computed in fp32 from the logits either way.
 
-    Everything is accumulated on the device and copied to the host once at the end: a
-    ``.item()`` per batch would stall a GPU on every step. The full softmax rows are kept
-    on the device until then (N x C floats) so that misclassified images keep theirs.
+    The mean loss is one float64 sum over the per-image losses, so how the images are
+    batched does not change it (training validates at train.batch_size, the validate
+    stage at validate.batch_size). Everything is accumulated on the device and copied to
+    the host once at the end: a ``.item()`` per batch would stall a GPU on every step. The
+    full softmax rows are kept on the device until then (N x C floats) so that
+    misclassified images keep theirs.
     """
     if device is None:
         device = next(model.parameters()).device
@@ -253,8 +252,8 @@ def evaluate(
     was_training = model.training
     model.to(device).eval()
 
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     topk_hits = torch.zeros((), dtype=torch.int64, device=device)
+    losses: list[Tensor] = []
     labels: list[Tensor] = []
     preds: list[Tensor] = []
     probs: list[Tensor] = []
@@ -262,13 +261,14 @@ def evaluate(
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            logits = model(x).float()
+            with autocast(device, precision):
+                logits = model(x).float()
             if logits.ndim != 2 or logits.shape[1] != num_classes:
                 raise EvaluationError(
                     f"the model outputs shape {tuple(logits.shape)}, expected (batch, {num_classes}); "
                     "num_classes must match the model's classifier"
                 )
-            loss_sum += F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
+            losses.append(F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing))
             # Top-1 is the first of the top-k, so ties can never make top-5 < top-1.
             top = logits.topk(k, dim=1).indices
             topk_hits += (top == y[:, None]).any(dim=1).sum()
@@ -289,7 +289,8 @@ def evaluate(
     wrong_idx = wrong.nonzero().squeeze(1).cpu().numpy()
     wrong_probs = prob_all[wrong].cpu().numpy()
     n = len(y_np)
-    loss = loss_sum.item() / n
+    # One float64 sum over every image's loss, in image order: the same number however the images were batched.
+    loss = torch.cat(losses).double().sum().item() / n
     top5 = topk_hits.item() / n
 
     cm = confusion_matrix(y_np, p_np, num_classes)
@@ -389,14 +390,26 @@ class SplitEvaluation:
                 "topk": self.result.topk}
 
 
-def evaluate_checkpoint(which: str, split: str, batch_size: int, *, device: torch.device,
-                        data_dir: str | Path = "data/prepared") -> SplitEvaluation:
-    """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised as in training.
+def trained_with(ckpt: dict[str, Any], device: torch.device) -> tuple[str, bool]:
+    """(precision, channels_last) of the checkpoint's training run, as its per-epoch validation used them on ``device``.
 
-    Raises CheckpointError, EvaluationError or resnet.data.DataError with a message
+    A checkpoint without params (not written by training) is evaluated in fp32, NCHW.
+    """
+    train = ckpt.get("params", {}).get("train", {})
+    return resolve_precision(train.get("precision", "fp32"), device), bool(train.get("channels_last", False))
+
+
+def evaluate_checkpoint(which: str, split: str, batch_size: int, *, device: torch.device,
+                        data_dir: str | Path = PREPARED) -> SplitEvaluation:
+    """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised, and computed, as in training.
+
+    The precision and memory format are those the training run validated in (:func:`trained_with`),
+    so on the validation split this reproduces the val_* numbers training recorded for that epoch.
+
+    Raises CheckpointError, EvaluationError or resnet.data.errors.DataError with a message
     that names the bad file or value and the fix.
     """
-    from resnet.data import load_meta, load_split
+    from resnet.data.store import load_meta, load_split
     from resnet.loader import DeviceLoader
 
     data_dir = Path(data_dir)
@@ -408,14 +421,19 @@ def evaluate_checkpoint(which: str, split: str, batch_size: int, *, device: torc
                                           image_size=meta.get("image_size"),
                                           data_source=str(data_dir / "meta.json"))
         images, labels = load_split(data_dir, split)
+        precision, channels_last = trained_with(ckpt, torch.device(device))
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         # The checkpoint's statistics, not recomputed ones: exactly what the model saw in training.
-        loader = DeviceLoader(images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device)
+        loader = DeviceLoader(images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device,
+                              channels_last=channels_last)
     except (KeyError, ValueError) as e:
         if isinstance(e, EvaluationError):
             raise
         raise EvaluationError(f"cannot evaluate {checkpoint} on {data_dir}/{split}: {e}") from e
-    log.info("evaluating %s (epoch %s) on %d %s images on %s", checkpoint, ckpt.get("epoch"), len(labels), split, device)
-    result = evaluate(model, loader, len(classes), device=device)
+    log.info("evaluating %s (epoch %s) on %d %s images on %s, precision %s", checkpoint, ckpt.get("epoch"),
+             len(labels), split, device, precision)
+    result = evaluate(model, loader, len(classes), device=device, precision=precision)
     log.info("%s: loss %.4f, accuracy %.4f, top-%d %.4f, macro F1 %.4f", split, result.loss, result.accuracy,
              result.topk, result.top5_accuracy, result.macro_f1)
     return SplitEvaluation(result, checkpoint, ckpt.get("epoch"), classes, images)
@@ -427,119 +445,3 @@ def _short(items: list[str], limit: int = 12) -> str:
         return repr(items)
     shown = ", ".join(repr(c) for c in items[:limit])
     return f"[{shown}, ...] ({len(items)} classes)"
-
-
-# --------------------------------------------------------------------------- files
-
-
-def write_confusion_csv(path: str | Path, result: EvalResult, classes: Sequence[str]) -> None:
-    """One row per image, ``actual,predicted`` class names: DVC's ``confusion`` plot template."""
-    result._check_classes(classes)
-    names = np.asarray(list(classes), dtype=object)
-    frame = pd.DataFrame({"actual": names[result.labels], "predicted": names[result.predictions]})
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
-def write_per_class_csv(path: str | Path, result: EvalResult, classes: Sequence[str]) -> None:
-    """The per-class table (:meth:`EvalResult.per_class_frame`) as CSV, by class index."""
-    frame = result.per_class_frame(classes)
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)  # the Agg canvas renders off-screen
-    return fig
-
-
-def _save_png(fig: Figure, path: str | Path, dpi: int = 100) -> None:
-    # The temp file ends in .tmp, so the format must be named rather than guessed.
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-
-
-def plot_confusion_matrix(path: str | Path, cm: np.ndarray, classes: Sequence[str], *, title: str) -> None:
-    """Confusion matrix PNG: colours normalised per row (the share of each actual class),
-    cells annotated with counts, class names on both axes."""
-    cm = np.asarray(cm)
-    n = len(classes)
-    if cm.shape != (n, n):
-        raise ValueError(f"confusion matrix of shape {cm.shape} for {n} class names")
-    rows = cm.sum(axis=1, keepdims=True)
-    # Row-normalised so a rare class's errors are as visible as a common one's.
-    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-
-    side = min(max(4.0, 0.35 * n + 2.5), 30.0)
-    fig = _new_figure(side + 1.2, side)
-    ax = fig.add_subplot()
-    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the actual class")
-    small = 8 if n <= 20 else 6
-    ax.set_xticks(range(n), labels=list(classes), rotation=45 if n <= 20 else 90,
-                  ha="right" if n <= 20 else "center", rotation_mode="anchor" if n <= 20 else "default",
-                  fontsize=small)
-    ax.set_yticks(range(n), labels=list(classes), fontsize=small)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
-    if n <= MAX_ANNOTATED_CLASSES:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=small,
-                        color="white" if share[i, j] > 0.5 else "black")
-    _save_png(fig, path)
-
-
-def plot_misclassified(
-    path: str | Path,
-    images: np.ndarray,
-    result: EvalResult,
-    classes: Sequence[str],
-    *,
-    limit: int,
-) -> None:
-    """A grid of up to ``limit`` misclassified images, most confident mistakes first.
-
-    ``images`` are the split's original uint8 (N, H, W, C) pixels, in the order the
-    result was computed (what the normalised batches were made from). Each tile is
-    titled ``true → predicted (p=0.87)``. With no mistakes (or ``limit`` 0) the PNG
-    says so, so the declared output always exists.
-    """
-    images = np.asarray(images)
-    if len(images) != result.num_images:
-        raise ValueError(f"{len(images)} images for a result over {result.num_images}")
-    result._check_classes(classes)
-    wrong = result.misclassified_indices
-    # Stable sort: equal confidences keep image order, so the grid is reproducible.
-    order = wrong[np.argsort(-result.confidences[wrong], kind="stable")]
-    shown = order[: max(limit, 0)]
-
-    if len(shown) == 0:
-        fig = _new_figure(5.0, 2.0)
-        ax = fig.add_subplot()
-        ax.axis("off")
-        reason = ("no misclassified images" if len(wrong) == 0
-                  else f"{len(wrong)} misclassified images; evaluate.misclassified_examples is 0")
-        ax.text(0.5, 0.5, f"{reason}\n({result.num_images} images, accuracy {result.accuracy:.2%})",
-                ha="center", va="center", fontsize=11)
-        _save_png(fig, path)
-        return
-
-    cols = math.ceil(math.sqrt(len(shown)))
-    rows = math.ceil(len(shown) / cols)
-    fig = _new_figure(1.9 * cols, 2.0 * rows + 0.5)
-    fig.suptitle(f"{len(wrong)} of {result.num_images} images misclassified; "
-                 f"the {len(shown)} most confident mistakes")
-    for tile, idx in enumerate(shown):
-        ax = fig.add_subplot(rows, cols, tile + 1)
-        img = images[idx]
-        if img.shape[-1] == 1:
-            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        else:
-            ax.imshow(img, interpolation="nearest")
-        true, pred = classes[result.labels[idx]], classes[result.predictions[idx]]
-        ax.set_title(f"{true} → {pred} (p={result.confidences[idx]:.2f})", fontsize=7)
-        ax.axis("off")
-    _save_png(fig, path)
