@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test bench retrain install clean-venv
+.PHONY: repro test lint bench retrain install clean-venv
 
 # The venv is rebuilt when the dependency list or the torch pin changes.
 $(STAMP): pyproject.toml constraints.txt
@@ -28,9 +28,15 @@ else
 	$(RUN) $(BIN)/dvc repro $(DVC_ARGS)
 endif
 
-# Tests, all of them (CI runs this). Quick ones only: make test PYTEST_ARGS="-m 'not slow'"
-test: $(STAMP)
+# Lint and format check (ruff, configured in pyproject.toml), then the tests, all of them
+# (CI runs this). Quick ones only: make test PYTEST_ARGS="-m 'not slow'"
+test: lint
 	$(RUN) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fix what ruff can: ruff check --fix . && ruff format .
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # CPU benchmarks, side by side with the tutorials' way (needs data/prepared: run the
 # pipeline's split stage first). Results go to benchmarks/results/.

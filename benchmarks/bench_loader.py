@@ -84,10 +84,15 @@ def cpu_model() -> str:
 
 def machine_info(device: torch.device) -> dict:
     """What the figures were measured on (printed and kept with the results)."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def main() -> int:
@@ -105,27 +110,53 @@ def main() -> int:
         images, labels = load_split(args.prepared, "train")
         meta = load_meta(args.prepared)
     except DataError as e:
-        print(f"error: {e}\n(offline: dvc exp run -S data.dataset=imagefolder "
-              f"-S data.source=../shared/datasets/cifar10-jpeg.tar.gz)", file=sys.stderr)
+        print(
+            f"error: {e}\n(offline: dvc exp run -S data.dataset=imagefolder "
+            f"-S data.source=../shared/datasets/cifar10-jpeg.tar.gz)",
+            file=sys.stderr,
+        )
         return 1
     size = meta["image_size"][0]
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     command = " ".join([Path(sys.executable).name, *sys.argv])
     machine = machine_info(device)
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"torchvision {machine['torchvision']}, device {machine['device']}, load {machine['load_average_at_start']}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+        f"torchvision {machine['torchvision']}, device {machine['device']}, load {machine['load_average_at_start']}"
+    )
     print(f"command: {command}")
     print(f"data: {args.prepared}/train.npz, {len(labels)} images {images.shape[1:]}, batch {args.batch_size}")
 
     augment = AugmentParams(crop_padding=4, flip=True, cutout=0)
-    device_loader = DeviceLoader(images, labels, args.batch_size, mean=meta["mean"], std=meta["std"],
-                                 device=device, train=True, augment=augment, seed=0)
+    device_loader = DeviceLoader(
+        images,
+        labels,
+        args.batch_size,
+        mean=meta["mean"],
+        std=meta["std"],
+        device=device,
+        train=True,
+        augment=augment,
+        seed=0,
+    )
     tutorial = DataLoader(
-        ArrayDataset(images, labels, transforms.Compose([
-            transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(meta["mean"], meta["std"])])),
-        batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+        ArrayDataset(
+            images,
+            labels,
+            transforms.Compose(
+                [
+                    transforms.RandomCrop(size, padding=4),
+                    transforms.RandomHorizontalFlip(),
+                    transforms.ToTensor(),
+                    transforms.Normalize(meta["mean"], meta["std"]),
+                ]
+            ),
+        ),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+    )
 
     def run_device(threads: int) -> float:
         torch.set_num_threads(threads)
@@ -150,37 +181,58 @@ def main() -> int:
     best_threads = max(thread_options, key=lambda t: medians[f"device_loader_{t}_threads"])
     ours = medians[f"device_loader_{best_threads}_threads"]
     ratio = ours / medians["tutorial"]
-    print(f"DeviceLoader: {ours:.1f} batches/s ({ours * args.batch_size:,.0f} images/s, "
-          f"{best_threads} torch thread(s); " + ", ".join(
-              f"{t} thread(s) {medians[f'device_loader_{t}_threads']:.1f}" for t in thread_options) + ")")
-    print(f"tutorials' way (PIL transforms, DataLoader num_workers={args.workers}): "
-          f"{medians['tutorial']:.1f} batches/s ({medians['tutorial'] * args.batch_size:,.0f} images/s)")
+    print(
+        f"DeviceLoader: {ours:.1f} batches/s ({ours * args.batch_size:,.0f} images/s, "
+        f"{best_threads} torch thread(s); "
+        + ", ".join(f"{t} thread(s) {medians[f'device_loader_{t}_threads']:.1f}" for t in thread_options)
+        + ")"
+    )
+    print(
+        f"tutorials' way (PIL transforms, DataLoader num_workers={args.workers}): "
+        f"{medians['tutorial']:.1f} batches/s ({medians['tutorial'] * args.batch_size:,.0f} images/s)"
+    )
     print(f"ratio: {ratio:.1f}x")
 
     date = dt.date.today().isoformat()
     result = {
-        "date": date, "command": command, "machine": machine,
-        "data": {"prepared": args.prepared, "source": meta.get("source"), "images": int(len(labels)),
-                 "shape": list(images.shape[1:])},
-        "batch_size": args.batch_size, "augment": {"crop_padding": 4, "flip": True, "cutout": 0},
-        "tutorial_workers": args.workers, "seconds_per_round": args.seconds, "rounds": args.rounds,
-        "batches_per_second": {"device_loader": ours, "device_loader_threads": best_threads,
-                               "tutorial": medians["tutorial"], "all_medians": medians, "all_rounds": rates},
+        "date": date,
+        "command": command,
+        "machine": machine,
+        "data": {
+            "prepared": args.prepared,
+            "source": meta.get("source"),
+            "images": int(len(labels)),
+            "shape": list(images.shape[1:]),
+        },
+        "batch_size": args.batch_size,
+        "augment": {"crop_padding": 4, "flip": True, "cutout": 0},
+        "tutorial_workers": args.workers,
+        "seconds_per_round": args.seconds,
+        "rounds": args.rounds,
+        "batches_per_second": {
+            "device_loader": ours,
+            "device_loader_threads": best_threads,
+            "tutorial": medians["tutorial"],
+            "all_medians": medians,
+            "all_rounds": rates,
+        },
         "ratio": ratio,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"loader-{date}.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = "\n".join(f"| {k} | {medians[k]:.1f} | {medians[k] * args.batch_size:,.0f} | "
-                     f"{', '.join(f'{v:.1f}' for v in rates[k])} |" for k in rates)
+    rows = "\n".join(
+        f"| {k} | {medians[k]:.1f} | {medians[k] * args.batch_size:,.0f} | {', '.join(f'{v:.1f}' for v in rates[k])} |"
+        for k in rates
+    )
     (out / f"loader-{date}.md").write_text(f"""# Loader benchmark, {date}
 
 Augmented training batches (batch {args.batch_size}, random crop with padding 4 + horizontal flip,
 normalised) per second, steady state, median of {args.rounds} interleaved rounds of ~{args.seconds:g} s.
 
-- Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, torchvision
-  {machine['torchvision']}; device {machine['device']}; load average at start {machine['load_average_at_start']}
-- Data: `{args.prepared}/train.npz`, {len(labels)} images {tuple(images.shape[1:])} (source: {meta.get('source')})
+- Machine: {machine["cpu"]}, {machine["cores"]} cores; torch {machine["torch"]}, torchvision
+  {machine["torchvision"]}; device {machine["device"]}; load average at start {machine["load_average_at_start"]}
+- Data: `{args.prepared}/train.npz`, {len(labels)} images {tuple(images.shape[1:])} (source: {meta.get("source")})
 - Command: `{command}`
 
 | loader | batches/s | images/s | rounds |
@@ -188,7 +240,7 @@ normalised) per second, steady state, median of {args.rounds} interleaved rounds
 {rows}
 
 **DeviceLoader ({best_threads} torch thread(s)): {ours:.1f} batches/s; tutorials' way (Dataset + PIL
-transforms + DataLoader, num_workers={args.workers}, shuffle): {medians['tutorial']:.1f} batches/s;
+transforms + DataLoader, num_workers={args.workers}, shuffle): {medians["tutorial"]:.1f} batches/s;
 ratio {ratio:.1f}x.**
 """)
     print(f"wrote {out / f'loader-{date}.json'} and .md")

@@ -40,13 +40,17 @@ def main() -> int:
 
     bin_dir = Path(sys.executable).parent
     dvc = [str(bin_dir / "dvc")]
-    cmd = dvc + (["exp", "run", "--force"] + [a for s in args.set for a in ("-S", s)] if args.set
-                 else ["repro", "--force"])
+    cmd = dvc + (
+        ["exp", "run", "--force"] + [a for s in args.set for a in ("-S", s)] if args.set else ["repro", "--force"]
+    )
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     machine = machine_info(torch.device("cpu"))
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; "
-          f"load {machine['load_average_at_start']}\ncommand: {command}\nruns: {' '.join(cmd)}", flush=True)
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; "
+        f"load {machine['load_average_at_start']}\ncommand: {command}\nruns: {' '.join(cmd)}",
+        flush=True,
+    )
 
     stages: dict[str, dict[str, float]] = {}
     current = None
@@ -65,19 +69,27 @@ def main() -> int:
 
     test = json.loads(Path("metrics/test.json").read_text())
     date = dt.date.today().isoformat()
-    result = {"date": date, "command": command, "pipeline_command": " ".join(cmd[1:]), "machine": machine,
-              "total_seconds": round(total, 1), "stages": stages, "test_accuracy": test["test_accuracy"],
-              "checkpoint": test.get("checkpoint"), "epoch": test.get("epoch")}
+    result = {
+        "date": date,
+        "command": command,
+        "pipeline_command": " ".join(cmd[1:]),
+        "machine": machine,
+        "total_seconds": round(total, 1),
+        "stages": stages,
+        "test_accuracy": test["test_accuracy"],
+        "checkpoint": test.get("checkpoint"),
+        "epoch": test.get("epoch"),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"pipeline-{date}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {n} | {s['seconds']:.1f} | {s['peak_memory_mib']} |" for n, s in stages.items())
     (out / f"pipeline-{date}.md").write_text(f"""# Pipeline time to accuracy, {date}
 
-`dvc {' '.join(cmd[1:])}` with the default recipe of params.yaml, every stage forced.
+`dvc {" ".join(cmd[1:])}` with the default recipe of params.yaml, every stage forced.
 
-- Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}; load average at
-  start {machine['load_average_at_start']}
+- Machine: {machine["cpu"]}, {machine["cores"]} cores; torch {machine["torch"]}; load average at
+  start {machine["load_average_at_start"]}
 - Command: `{command}`
 
 | stage | wall time (s) | peak memory (MiB) |
@@ -85,10 +97,12 @@ def main() -> int:
 {rows}
 
 Whole pipeline: {total / 60:.1f} min (including DVC's own work between stages).
-Test accuracy: {test['test_accuracy']:.4f} ({test.get('checkpoint')}, epoch {test.get('epoch')}).
+Test accuracy: {test["test_accuracy"]:.4f} ({test.get("checkpoint")}, epoch {test.get("epoch")}).
 """)
-    print(f"total {total / 60:.1f} min, test accuracy {test['test_accuracy']:.4f}; "
-          f"wrote {out / f'pipeline-{date}.json'} and .md")
+    print(
+        f"total {total / 60:.1f} min, test accuracy {test['test_accuracy']:.4f}; "
+        f"wrote {out / f'pipeline-{date}.json'} and .md"
+    )
     return 0
 
 

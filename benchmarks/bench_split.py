@@ -45,10 +45,10 @@ import torch
 import torchvision
 import torchvision.io  # noqa: F401  (else the first decode imports it inside the first timing)
 
-from resnet.data.sources import download
-from resnet.data.split import prepare
 from resnet.config import load_params, override
 from resnet.data import archives
+from resnet.data.sources import download
+from resnet.data.split import prepare
 from resnet.utils import read_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,6 +65,7 @@ def tarfile_reader(path: Path, fmt: str, read_data: bool) -> Iterator[archives.E
 
 def git_revision() -> str:
     """The checked-out commit, '+ changes' when the working tree differs from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -106,8 +107,11 @@ def run_rounds(readers: dict[str, Reader], raw: Path, work: Path, params, rounds
                 if results[name]["out"] is not None:  # keep one prepared copy per reader (~190 MB each)
                     shutil.rmtree(results[name]["out"])
                 results[name]["out"] = out
-                print(f"round {r + 1} {name:12s} split stage {results[name]['stage'][-1][0]:6.2f} s wall, "
-                      f"read only {results[name]['read'][-1][0]:6.2f} s", flush=True)
+                print(
+                    f"round {r + 1} {name:12s} split stage {results[name]['stage'][-1][0]:6.2f} s wall, "
+                    f"read only {results[name]['read'][-1][0]:6.2f} s",
+                    flush=True,
+                )
     finally:
         archives._iter_tar = original
     return results
@@ -126,48 +130,65 @@ def report(results: dict[str, dict], info: dict[str, str]) -> str:
     verdict = "keep it" if gain >= THRESHOLD else "tarfile streaming is enough; the hand-written reader goes"
     rows = "\n".join(
         f"| {n} | {med[n]:.2f} | {med_cpu[n]:.2f} | {med_read[n]:.2f} | "
-        f"{', '.join(f'{w:.2f}' for w, _ in r['stage'])} |" for n, r in results.items())
-    return f"""# Split stage benchmark: hand-written tar reader vs tarfile streaming, {info['date']}
+        f"{', '.join(f'{w:.2f}' for w, _ in r['stage'])} |"
+        for n, r in results.items()
+    )
+    return f"""# Split stage benchmark: hand-written tar reader vs tarfile streaming, {info["date"]}
 
 `resnet.data.split.prepare` (the whole split stage: read, decode, split, statistics, write) on
-{info['archive']} ({info['members']} images), median of {info['rounds']} interleaved rounds per reader.
+{info["archive"]} ({info["members"]} images), median of {info["rounds"]} interleaved rounds per reader.
 
-- Command: `{info['command']}`
-- CPU: {info['cpu']}, {os.cpu_count()} cores; load average at start {info['load_start']}, at end {info['load_end']}
+- Command: `{info["command"]}`
+- CPU: {info["cpu"]}, {os.cpu_count()} cores; load average at start {info["load_start"]}, at end {info["load_end"]}
   (a shared machine: other processes may have used the cores during the run)
-- CPU flags: {info['flags']}
+- CPU flags: {info["flags"]}
 - Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__},
   numpy {np.__version__}, Pillow {PIL.__version__}, zlib {zlib.ZLIB_RUNTIME_VERSION}
 - Readers: `resnet.data.archives._iter_tar` (hand-written, `resnet.data.tar_reader`) and
-  `resnet.data.archives._iter_tarfile` (`tarfile.open(path, "r|*")`), same safety rules; git {info['rev']}
-- Prepared files byte-identical between the readers: {info['identical']}
+  `resnet.data.archives._iter_tarfile` (`tarfile.open(path, "r|*")`), same safety rules; git {info["rev"]}
+- Prepared files byte-identical between the readers: {info["identical"]}
 
 | reader | split stage, s (wall) | split stage, s (CPU) | reading the archive alone, s (wall) | rounds, s (wall) |
 | --- | --- | --- | --- | --- |
 {rows}
 
 **The hand-written reader saves {gain:.1%} of the whole split stage
-({med['tarfile']:.2f} s -> {med['handwritten']:.2f} s); threshold {THRESHOLD:.0%}: {verdict}.**
+({med["tarfile"]:.2f} s -> {med["handwritten"]:.2f} s); threshold {THRESHOLD:.0%}: {verdict}.**
 """
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", default="../shared/datasets/cifar10-jpeg.tar.gz",
-                        help="an image-folder archive (default: the shared CIFAR-10 JPEG copy)")
+    parser.add_argument(
+        "--archive",
+        default="../shared/datasets/cifar10-jpeg.tar.gz",
+        help="an image-folder archive (default: the shared CIFAR-10 JPEG copy)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("RESNET_NO_PROGRESS", "1")
     cpu, flags = cpu_info()
-    info = {"date": dt.date.today().isoformat(), "archive": args.archive, "rounds": str(args.rounds),
-            "command": "python " + " ".join(sys.argv), "cpu": cpu, "flags": flags, "rev": git_revision(),
-            "load_start": str([round(x, 2) for x in os.getloadavg()])}
-    print(f"{info['command']}\nCPU: {cpu}, {os.cpu_count()} cores\nflags: {flags}\n"
-          f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"numpy {np.__version__}, Pillow {PIL.__version__}, zlib {zlib.ZLIB_RUNTIME_VERSION}", flush=True)
+    info = {
+        "date": dt.date.today().isoformat(),
+        "archive": args.archive,
+        "rounds": str(args.rounds),
+        "command": "python " + " ".join(sys.argv),
+        "cpu": cpu,
+        "flags": flags,
+        "rev": git_revision(),
+        "load_start": str([round(x, 2) for x in os.getloadavg()]),
+    }
+    print(
+        f"{info['command']}\nCPU: {cpu}, {os.cpu_count()} cores\nflags: {flags}\n"
+        f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"numpy {np.__version__}, Pillow {PIL.__version__}, zlib {zlib.ZLIB_RUNTIME_VERSION}",
+        flush=True,
+    )
     readers = {"tarfile": tarfile_reader, "handwritten": archives._iter_tar}
-    params = override(load_params(REPO / "params.yaml"), {"data.dataset": "imagefolder",
-                                                          "data.source": str(Path(args.archive).resolve())}).data
+    params = override(
+        load_params(REPO / "params.yaml"),
+        {"data.dataset": "imagefolder", "data.source": str(Path(args.archive).resolve())},
+    ).data
     with tempfile.TemporaryDirectory(prefix="bench_split_") as tmp:
         record = download(params, Path(tmp) / "raw")
         info["members"] = f"{record['members']:,}"

@@ -47,13 +47,35 @@ from resnet.training import build_training, train_one_epoch
 MODELS = {"resnet20": {"name": "resnet20"}, "resnet18": {"name": "resnet18", "stem": "cifar"}}
 
 
-def tutorial_rate(model: nn.Module, images: np.ndarray, labels: np.ndarray, meta: dict, batch: int,
-                  workers: int, warmup: int, steps: int) -> float:
+def tutorial_rate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    meta: dict,
+    batch: int,
+    workers: int,
+    warmup: int,
+    steps: int,
+) -> float:
     """Images/s of the tutorials' loop over `steps` batches, after `warmup` batches (worker start-up excluded)."""
     size = meta["image_size"][0]
-    loader = DataLoader(ArrayDataset(images, labels, transforms.Compose([
-        transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(meta["mean"], meta["std"])])), batch_size=batch, shuffle=True, num_workers=workers)
+    loader = DataLoader(
+        ArrayDataset(
+            images,
+            labels,
+            transforms.Compose(
+                [
+                    transforms.RandomCrop(size, padding=4),
+                    transforms.RandomHorizontalFlip(),
+                    transforms.ToTensor(),
+                    transforms.Normalize(meta["mean"], meta["std"]),
+                ]
+            ),
+        ),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
     model.train()
@@ -74,19 +96,29 @@ def tutorial_rate(model: nn.Module, images: np.ndarray, labels: np.ndarray, meta
     return seen / (time.perf_counter() - start)
 
 
-def our_rate(params, meta: dict, images: np.ndarray, labels: np.ndarray, device: torch.device,
-             warmup: int, steps: int) -> float:
+def our_rate(
+    params, meta: dict, images: np.ndarray, labels: np.ndarray, device: torch.device, warmup: int, steps: int
+) -> float:
     """Images/s of train_one_epoch (the train stage's loop) over `steps` batches, after a `warmup`-batch epoch."""
     batch = params.train.batch_size
     parts = build_training(params, meta, device, warmup + steps)
     parts.model.train()
     rate = 0.0
     for lo, hi in ((0, warmup * batch), (warmup * batch, (warmup + steps) * batch)):
-        loader = DeviceLoader(images[lo:hi], labels[lo:hi], batch, mean=meta["mean"], std=meta["std"],
-                              device=device, train=True, augment=params.train.augment,
-                              channels_last=params.train.channels_last)
-        rate = train_one_epoch(parts.model, loader, parts.optimizer, parts.scheduler, parts.scaler,
-                               parts.criterion)["images_per_sec"]
+        loader = DeviceLoader(
+            images[lo:hi],
+            labels[lo:hi],
+            batch,
+            mean=meta["mean"],
+            std=meta["std"],
+            device=device,
+            train=True,
+            augment=params.train.augment,
+            channels_last=params.train.channels_last,
+        )
+        rate = train_one_epoch(parts.model, loader, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion)[
+            "images_per_sec"
+        ]
     return rate
 
 
@@ -95,8 +127,9 @@ def main() -> int:
     ap.add_argument("--prepared", default="data/prepared")
     ap.add_argument("--params", default="params.yaml", help="the recipe whose loop is measured")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--steps", type=int, nargs="+", default=[30, 8],
-                    help="timed steps per model (one value, or one per model)")
+    ap.add_argument(
+        "--steps", type=int, nargs="+", default=[30, 8], help="timed steps per model (one value, or one per model)"
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the tutorials' way")
@@ -111,8 +144,10 @@ def main() -> int:
     meta = load_meta(args.prepared)
     machine = machine_info(device)
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, device "
-          f"{machine['device']}, {torch.get_num_threads()} threads, load {machine['load_average_at_start']}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, device "
+        f"{machine['device']}, {torch.get_num_threads()} threads, load {machine['load_average_at_start']}"
+    )
     print(f"command: {command}")
 
     steps_per_model = dict(zip(args.models, args.steps * len(args.models) if len(args.steps) == 1 else args.steps))
@@ -126,25 +161,52 @@ def main() -> int:
             rates["ours"].append(our_rate(params, meta, images, labels, device, args.warmup, steps))
             torch.manual_seed(0)
             model = build_training(params, meta, torch.device("cpu"), 1).model.to(memory_format=torch.contiguous_format)
-            rates["tutorial"].append(tutorial_rate(model, images, labels, meta, batch, args.workers,
-                                                   args.warmup, steps))
-            print(f"{name} round {r + 1}: ours {rates['ours'][-1]:.0f} img/s, "
-                  f"tutorial {rates['tutorial'][-1]:.0f} img/s")
+            rates["tutorial"].append(
+                tutorial_rate(model, images, labels, meta, batch, args.workers, args.warmup, steps)
+            )
+            print(
+                f"{name} round {r + 1}: ours {rates['ours'][-1]:.0f} img/s, tutorial {rates['tutorial'][-1]:.0f} img/s"
+            )
         ours, tutorial = statistics.median(rates["ours"]), statistics.median(rates["tutorial"])
-        results[name] = {"ours_images_per_sec": ours, "tutorial_images_per_sec": tutorial, "ratio": ours / tutorial,
-                         "rounds": rates, "steps": steps, "batch_size": batch}
+        results[name] = {
+            "ours_images_per_sec": ours,
+            "tutorial_images_per_sec": tutorial,
+            "ratio": ours / tutorial,
+            "rounds": rates,
+            "steps": steps,
+            "batch_size": batch,
+        }
         print(f"{name}: ours {ours:.0f} img/s, tutorial {tutorial:.0f} img/s, ratio {ours / tutorial:.2f}x")
 
     date = dt.date.today().isoformat()
-    recipe = {"batch_size": base.train.batch_size, "channels_last": base.train.channels_last,
-              "precision": base.train.precision, "threads": torch.get_num_threads()}
+    recipe = {
+        "batch_size": base.train.batch_size,
+        "channels_last": base.train.channels_last,
+        "precision": base.train.precision,
+        "threads": torch.get_num_threads(),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"train-{date}.json").write_text(json.dumps(
-        {"date": date, "command": command, "machine": machine, "recipe": recipe, "warmup": args.warmup,
-         "workers": args.workers, "results": results}, indent=2) + "\n")
-    rows = "\n".join(f"| {n} | {r['ours_images_per_sec']:.0f} | {r['tutorial_images_per_sec']:.0f} | "
-                     f"{r['ratio']:.2f}x | {r['steps']} |" for n, r in results.items())
+    (out / f"train-{date}.json").write_text(
+        json.dumps(
+            {
+                "date": date,
+                "command": command,
+                "machine": machine,
+                "recipe": recipe,
+                "warmup": args.warmup,
+                "workers": args.workers,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    rows = "\n".join(
+        f"| {n} | {r['ours_images_per_sec']:.0f} | {r['tutorial_images_per_sec']:.0f} | "
+        f"{r['ratio']:.2f}x | {r['steps']} |"
+        for n, r in results.items()
+    )
     (out / f"train-{date}.md").write_text(f"""# Training throughput, {date}
 
 Images per second over a fixed number of batches after {args.warmup} warm-up batches, median of
@@ -152,8 +214,8 @@ Images per second over a fixed number of batches after {args.warmup} warm-up bat
 against the tutorials' loop (PIL transforms, DataLoader with {args.workers} workers, fp32 NCHW,
 `.item()` every batch), same model and data.
 
-- Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}; device {machine['device']};
-  load average at start {machine['load_average_at_start']}
+- Machine: {machine["cpu"]}, {machine["cores"]} cores; torch {machine["torch"]}; device {machine["device"]};
+  load average at start {machine["load_average_at_start"]}
 - Command: `{command}`
 
 | model | ours (img/s) | tutorial (img/s) | ratio | timed steps |

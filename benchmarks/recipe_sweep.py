@@ -108,20 +108,32 @@ def main() -> int:
         model.load_state_dict(best["model"])
         best_plain, best_tta = test_accuracy(model, test, result.precision)
         record = {
-            "name": name, "overrides": overrides, "model": params.model.name,
-            "parameters": count_parameters(model), "epochs": result.epochs_completed,
+            "name": name,
+            "overrides": overrides,
+            "model": params.model.name,
+            "parameters": count_parameters(model),
+            "epochs": result.epochs_completed,
             "images_trained": result.epochs_completed * len(train) * tp.batch_size,
-            "train_seconds": round(result.train_seconds, 2), "wall_seconds": round(wall, 2),
-            "images_per_sec": round(result.images_per_sec, 1), "precision": result.precision,
-            "best_epoch": result.best_epoch, "best_val_accuracy": result.best_metric,
-            "test_accuracy_best": best_plain, "test_accuracy_best_flip_tta": best_tta,
-            "test_accuracy_last": last_plain, "test_accuracy_last_flip_tta": last_tta,
-            "device": machine["device"], "torch": machine["torch"],
+            "train_seconds": round(result.train_seconds, 2),
+            "wall_seconds": round(wall, 2),
+            "images_per_sec": round(result.images_per_sec, 1),
+            "precision": result.precision,
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_metric,
+            "test_accuracy_best": best_plain,
+            "test_accuracy_best_flip_tta": best_tta,
+            "test_accuracy_last": last_plain,
+            "test_accuracy_last_flip_tta": last_tta,
+            "device": machine["device"],
+            "torch": machine["torch"],
         }
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"{name}: {result.epochs_completed} epochs, {result.train_seconds:.1f} s training, "
-              f"test {best_plain:.4f} (flip TTA {best_tta:.4f}), last epoch {last_plain:.4f}", flush=True)
+        print(
+            f"{name}: {result.epochs_completed} epochs, {result.train_seconds:.1f} s training, "
+            f"test {best_plain:.4f} (flip TTA {best_tta:.4f}), last epoch {last_plain:.4f}",
+            flush=True,
+        )
     return 0
 
 

@@ -17,21 +17,35 @@ from resnet.utils import resolve_device, write_json
 
 
 def run(params: Params) -> None:
-    ev = evaluate_checkpoint(params.evaluate.checkpoint, "test", params.evaluate.batch_size,
-                             device=resolve_device(params.train.device))
+    ev = evaluate_checkpoint(
+        params.evaluate.checkpoint, "test", params.evaluate.batch_size, device=resolve_device(params.train.device)
+    )
     # Plots first, metrics last: a metrics/test.json on disk means the whole set was written.
     write_confusion_csv(paths.TEST_CONFUSION, ev.result, ev.classes)
     write_per_class_csv(paths.TEST_PER_CLASS, ev.result, ev.classes)
-    plot_confusion_matrix(paths.TEST_CONFUSION_PNG, ev.result.confusion, ev.classes,
-                          title=f"Test confusion matrix ({ev.checkpoint.name}), accuracy {ev.result.accuracy:.2%}")
-    plot_misclassified(paths.TEST_MISCLASSIFIED_PNG, ev.images, ev.result, ev.classes,
-                       limit=params.evaluate.misclassified_examples)
+    plot_confusion_matrix(
+        paths.TEST_CONFUSION_PNG,
+        ev.result.confusion,
+        ev.classes,
+        title=f"Test confusion matrix ({ev.checkpoint.name}), accuracy {ev.result.accuracy:.2%}",
+    )
+    plot_misclassified(
+        paths.TEST_MISCLASSIFIED_PNG, ev.images, ev.result, ev.classes, limit=params.evaluate.misclassified_examples
+    )
     write_json(paths.TEST_METRICS, ev.metrics("test"))
 
     with tracking.continue_run(params, paths.RUN_FILE) as mlrun:
         mlrun.log_metrics(ev.result.flat_metrics("test"))
-        mlrun.log_artifacts([paths.TEST_METRICS, paths.TEST_CONFUSION, paths.TEST_PER_CLASS, paths.TEST_CONFUSION_PNG,
-                             paths.TEST_MISCLASSIFIED_PNG], artifact_path="test")
+        mlrun.log_artifacts(
+            [
+                paths.TEST_METRICS,
+                paths.TEST_CONFUSION,
+                paths.TEST_PER_CLASS,
+                paths.TEST_CONFUSION_PNG,
+                paths.TEST_MISCLASSIFIED_PNG,
+            ],
+            artifact_path="test",
+        )
 
 
 def main() -> int:

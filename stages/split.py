@@ -2,8 +2,8 @@
 
 import sys
 
-from resnet.config import Params
 from resnet import paths
+from resnet.config import Params
 from resnet.data.split import prepare
 from resnet.stage import run_stage
 

@@ -63,8 +63,7 @@ def run(params: Params) -> None:
     meta = load_meta(paths.PREPARED)
     (train_x, train_y), (val_x, val_y) = load_split(paths.PREPARED, "train"), load_split(paths.PREPARED, "val")
     norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
-    train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed,
-                                **norm)
+    train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed, **norm)
     val_loader = DeviceLoader(val_x, val_y, tp.batch_size, train=False, **norm)
     resume = find_resume_checkpoint(params, meta, paths.MODELS)
 
@@ -75,15 +74,29 @@ def run(params: Params) -> None:
             # The epoch saved just before the interruption may not have reached MLflow.
             last = resume["history"][-1]
             mlrun.log_epoch(int(last["epoch"]), last)
-        result = fit(params, meta, train_loader, val_loader, paths.MODELS, resume=resume,
-                     extra={"run_id": mlrun.run_id}, on_epoch=mlrun.log_epoch)
+        result = fit(
+            params,
+            meta,
+            train_loader,
+            val_loader,
+            paths.MODELS,
+            resume=resume,
+            extra={"run_id": mlrun.run_id},
+            on_epoch=mlrun.log_epoch,
+        )
         summary = _summary(result)
         write_json(paths.TRAIN_METRICS, summary)
         _write_history(paths.TRAIN_HISTORY, result.history)
         mlrun.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_epoch"})
         mlrun.log_artifacts([paths.TRAIN_METRICS, paths.TRAIN_HISTORY], artifact_path="train")
-    log.info("trained %d epochs: best %s %.4f at epoch %d -> %s", result.epochs_completed, result.metric_name,
-             result.best_metric, result.best_epoch, result.best_path)
+    log.info(
+        "trained %d epochs: best %s %.4f at epoch %d -> %s",
+        result.epochs_completed,
+        result.metric_name,
+        result.best_metric,
+        result.best_epoch,
+        result.best_path,
+    )
 
 
 def main() -> int:

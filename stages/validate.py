@@ -17,8 +17,9 @@ from resnet.utils import resolve_device, write_json
 
 
 def run(params: Params) -> None:
-    ev = evaluate_checkpoint(params.validate.checkpoint, "val", params.validate.batch_size,
-                             device=resolve_device(params.train.device))
+    ev = evaluate_checkpoint(
+        params.validate.checkpoint, "val", params.validate.batch_size, device=resolve_device(params.train.device)
+    )
     # Metrics last: a metrics/val.json on disk means the whole set was written.
     write_confusion_csv(paths.VAL_CONFUSION, ev.result, ev.classes)
     write_per_class_csv(paths.VAL_PER_CLASS, ev.result, ev.classes)

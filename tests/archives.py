@@ -34,9 +34,15 @@ def class_image(label: int, index: int, size: int = 8, channels: int = 3) -> np.
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def write_imagefolder(root: str | Path, *, classes: tuple[str, ...] = CLASSES,
-                      per_class: dict[str, int] | None = None, size: int = 8, fmt: str = "png",
-                      wrapper: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_imagefolder(
+    root: str | Path,
+    *,
+    classes: tuple[str, ...] = CLASSES,
+    per_class: dict[str, int] | None = None,
+    size: int = 8,
+    fmt: str = "png",
+    wrapper: str | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Write ``[wrapper/]<split>/<class>/<NNNN>.<fmt>`` under root.
 
     Returns, per split, the images and labels in the order the split stage reads
@@ -60,8 +66,7 @@ def write_imagefolder(root: str | Path, *, classes: tuple[str, ...] = CLASSES,
     return out
 
 
-def make_tar(src: str | Path, out: str | Path, *, compression: str = "gz",
-             fmt: int = tarfile.PAX_FORMAT) -> Path:
+def make_tar(src: str | Path, out: str | Path, *, compression: str = "gz", fmt: int = tarfile.PAX_FORMAT) -> Path:
     """Pack the contents of folder src (not src itself) into a tar; compression '', 'gz', 'bz2' or 'xz'."""
     src, out = Path(src), Path(out)
     with tarfile.open(out, f"w:{compression}", format=fmt) as tf:
@@ -85,8 +90,9 @@ def _pickle_batch(obj: dict) -> bytes:
     return pickle.dumps(obj, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
-def make_cifar_archive(out: str | Path, dataset: str = "cifar10", *, per_batch: int = 6, n_test: int = 9,
-                       num_classes: int | None = None) -> dict[str, object]:
+def make_cifar_archive(
+    out: str | Path, dataset: str = "cifar10", *, per_batch: int = 6, n_test: int = 9, num_classes: int | None = None
+) -> dict[str, object]:
     """A tiny CIFAR python archive: cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta
     (cifar-100-python/train, test, meta with fine labels). Returns the arrays it holds.
     """
@@ -99,8 +105,7 @@ def make_cifar_archive(out: str | Path, dataset: str = "cifar10", *, per_batch: 
     def batch(n: int, label: str) -> tuple[dict, np.ndarray, np.ndarray]:
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, num_classes, size=n)]
-        obj = {b"batch_label": label.encode(), b"data": data,
-               b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+        obj = {b"batch_label": label.encode(), b"data": data, b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
         return obj, data, np.array(labels, dtype=np.int64)
 
     train_x, train_y = [], []
@@ -115,8 +120,9 @@ def make_cifar_archive(out: str | Path, dataset: str = "cifar10", *, per_batch: 
         obj, test_x, test_y = batch(n_test, "testing batch 1 of 1")
         obj[b"labels"] = [int(v) for v in test_y]
         files["test_batch"] = _pickle_batch(obj)
-        files["batches.meta"] = _pickle_batch({b"num_cases_per_batch": per_batch, b"label_names": names,
-                                               b"num_vis": 3072})
+        files["batches.meta"] = _pickle_batch(
+            {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
+        )
     else:
         folder = "cifar-100-python"
         obj, x, y = batch(5 * per_batch, "training batch 1 of 1")
@@ -129,8 +135,9 @@ def make_cifar_archive(out: str | Path, dataset: str = "cifar10", *, per_batch: 
         obj[b"fine_labels"] = [int(v) for v in test_y]
         obj[b"coarse_labels"] = [int(v) // 5 for v in test_y]
         files["test"] = _pickle_batch(obj)
-        files["meta"] = _pickle_batch({b"fine_label_names": names,
-                                       b"coarse_label_names": [f"super{k}".encode() for k in range(4)]})
+        files["meta"] = _pickle_batch(
+            {b"fine_label_names": names, b"coarse_label_names": [f"super{k}".encode() for k in range(4)]}
+        )
     files["readme.html"] = b"<html>tiny test copy</html>"
     with tarfile.open(out, "w:gz") as tf:
         info = tarfile.TarInfo(folder)
@@ -145,8 +152,13 @@ def make_cifar_archive(out: str | Path, dataset: str = "cifar10", *, per_batch: 
     def hwc(x: np.ndarray) -> np.ndarray:
         return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
-    return {"train_x": hwc(np.concatenate(train_x)), "train_y": np.concatenate(train_y),
-            "test_x": hwc(test_x), "test_y": test_y, "classes": [n.decode() for n in names]}
+    return {
+        "train_x": hwc(np.concatenate(train_x)),
+        "train_y": np.concatenate(train_y),
+        "test_x": hwc(test_x),
+        "test_y": test_y,
+        "classes": [n.decode() for n in names],
+    }
 
 
 def _png_bytes(label: int = 0, index: int = 0) -> bytes:

@@ -40,6 +40,7 @@ def _without(key: str) -> dict:
 
 def test_the_params_dataclasses_have_no_defaults_of_their_own() -> None:
     """The recipe lives in params.yaml only: no field can fall back to a value written in the code."""
+
     def fields(cls: type) -> list[dataclasses.Field]:
         out = []
         for f in dataclasses.fields(cls):
@@ -48,8 +49,11 @@ def test_the_params_dataclasses_have_no_defaults_of_their_own() -> None:
                 out += fields(f.type)
         return out
 
-    with_default = [f.name for f in fields(Params)
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    with_default = [
+        f.name
+        for f in fields(Params)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
     assert with_default == []
     with pytest.raises(TypeError):
         Params()  # type: ignore[call-arg]
@@ -139,10 +143,15 @@ def test_yaml_exponent_without_dot_is_read_as_a_number() -> None:
         ({"model.stem": "cifar", "model.name": "resnet56"}, None),
         ({"train.momentum": 0.0}, r"^train\.nesterov: true needs train\.momentum > 0"),
         ({"train.momentum": 0.0, "train.optimizer": "adamw"}, None),
-        ({"model.width_multiplier": 0.25}, r"^train\.channels_last: true on CPU cannot train this model: the 1x1 "
-                                            r"stride-2 convolution layer2\.0\.downsample\.0 has 4 input channels"),
-        ({"model.width_multiplier": 0.25, "train.channels_last": False, "train.compile": True},
-         r"^train\.compile: true on CPU"),
+        (
+            {"model.width_multiplier": 0.25},
+            r"^train\.channels_last: true on CPU cannot train this model: the 1x1 "
+            r"stride-2 convolution layer2\.0\.downsample\.0 has 4 input channels",
+        ),
+        (
+            {"model.width_multiplier": 0.25, "train.channels_last": False, "train.compile": True},
+            r"^train\.compile: true on CPU",
+        ),
         ({"model.width_multiplier": 0.25, "model.shortcut": "A"}, None),
     ],
 )

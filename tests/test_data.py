@@ -83,19 +83,22 @@ def leftovers(parent: Path) -> list[str]:
 # --------------------------------------------------------------------------- params validation
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"datset": "cifar10"}, "datset"),
-    ({"seed": "zero"}, "data.seed"),
-    ({"val_fraction": "a lot"}, "data.val_fraction"),
-    ({"max_per_class": 2.5}, "data.max_per_class"),
-    ({"channels": 2}, "data.channels"),
-    ({"dataset": "mnist"}, "data.dataset"),
-    ({"val_fraction": 0.0}, "data.val_fraction"),
-    ({"val_fraction": 1.0}, "data.val_fraction"),
-    ({"val_fraction": 1.5}, "data.val_fraction"),
-    ({"test_fraction": -0.1}, "data.test_fraction"),
-    ({"sha256": "abc"}, "data.sha256"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"datset": "cifar10"}, "datset"),
+        ({"seed": "zero"}, "data.seed"),
+        ({"val_fraction": "a lot"}, "data.val_fraction"),
+        ({"max_per_class": 2.5}, "data.max_per_class"),
+        ({"channels": 2}, "data.channels"),
+        ({"dataset": "mnist"}, "data.dataset"),
+        ({"val_fraction": 0.0}, "data.val_fraction"),
+        ({"val_fraction": 1.0}, "data.val_fraction"),
+        ({"val_fraction": 1.5}, "data.val_fraction"),
+        ({"test_fraction": -0.1}, "data.test_fraction"),
+        ({"sha256": "abc"}, "data.sha256"),
+    ],
+)
 def test_bad_data_params_raise_config_error_naming_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_params(raw_params(**data))
@@ -103,8 +106,14 @@ def test_bad_data_params_raise_config_error_naming_the_key(data, key):
 
 def stage(script: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "RESNET_NO_PROGRESS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "stages" / script)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / script)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("script", ["download.py", "split.py"])
@@ -190,8 +199,10 @@ def test_cifar_batches_cannot_run_code(tmp_path):
 
 def test_cifar_dataset_refuses_an_image_folder_archive(tmp_path, tiny_imagefolder_tgz):
     with pytest.raises(DataError, match="not a CIFAR python archive.*data.dataset=imagefolder"):
-        download(data_params(dataset="cifar10", source=str(tiny_imagefolder_tgz),
-                            sha256=sha256_of(tiny_imagefolder_tgz)), tmp_path / "raw")
+        download(
+            data_params(dataset="cifar10", source=str(tiny_imagefolder_tgz), sha256=sha256_of(tiny_imagefolder_tgz)),
+            tmp_path / "raw",
+        )
 
 
 # --------------------------------------------------------------------------- image folders
@@ -216,8 +227,9 @@ def folder_sources(tmp_path_factory):
     return truth, sources
 
 
-@pytest.mark.parametrize("kind", ["dir", "dir-wrapped", "tar", "tar.gz-wrapped", "tar.bz2-gnu", "tar.xz-ustar",
-                                  "zip", "zip-wrapped"])
+@pytest.mark.parametrize(
+    "kind", ["dir", "dir-wrapped", "tar", "tar.gz-wrapped", "tar.bz2-gnu", "tar.xz-ustar", "zip", "zip-wrapped"]
+)
 def test_every_source_kind_gives_the_same_prepared_files(tmp_path, folder_sources, kind):
     truth, sources = folder_sources
     meta, out = run_stages(sources[kind], tmp_path, val_fraction=0.2)
@@ -237,8 +249,10 @@ def test_every_source_kind_gives_the_same_prepared_files(tmp_path, folder_source
 def both_tar_readers(path: Path, read_data: bool = True) -> dict[str, list]:
     """What the hand-written reader and tarfile's streaming mode make of a tar archive."""
     fmt = archives._archive_format(path)
-    return {"hand-written": list(archives._iter_tar(path, fmt, read_data)),
-            "tarfile": list(archives._iter_tarfile(path, read_data))}
+    return {
+        "hand-written": list(archives._iter_tar(path, fmt, read_data)),
+        "tarfile": list(archives._iter_tarfile(path, read_data)),
+    }
 
 
 def test_both_tar_readers_agree_on_long_names_links_and_folders_in_every_format(tmp_path):
@@ -251,12 +265,14 @@ def test_both_tar_readers_agree_on_long_names_links_and_folders_in_every_format(
     (src / "train" / "cat" / "a.png").write_bytes(b"y" * 512)
     (src / "train" / "cat" / "empty.png").write_bytes(b"")
     os.symlink("a.png", src / "train" / "cat" / "link.png")
-    expected = sorted([
-        (f"train/{'c' * 60}/{'d' * 70}/{'e' * 90}.png", "file", b"x" * 700, None),
-        ("train/cat/a.png", "file", b"y" * 512, None),
-        ("train/cat/empty.png", "file", b"", None),
-        ("train/cat/link.png", "link", None, "train/cat/a.png"),
-    ])
+    expected = sorted(
+        [
+            (f"train/{'c' * 60}/{'d' * 70}/{'e' * 90}.png", "file", b"x" * 700, None),
+            ("train/cat/a.png", "file", b"y" * 512, None),
+            ("train/cat/empty.png", "file", b"", None),
+            ("train/cat/link.png", "link", None, "train/cat/a.png"),
+        ]
+    )
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
         arc = make_tar(src, tmp_path / f"t{fmt}.tar.gz", fmt=fmt)
         for reader, entries in both_tar_readers(arc).items():
@@ -305,8 +321,9 @@ def _tar_with_bad_third_member(tmp_path: Path, damage: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("damage, message", [("cut", "truncated: no end-of-archive marker"),
-                                             ("header", "corrupt: bad tar header")])
+@pytest.mark.parametrize(
+    "damage, message", [("cut", "truncated: no end-of-archive marker"), ("header", "corrupt: bad tar header")]
+)
 def test_tar_without_end_marker_or_with_a_bad_header_is_refused(tmp_path, damage, message):
     arc = _tar_with_bad_third_member(tmp_path, damage)
     for read in (lambda: archives._iter_tar(arc, "tar", False), lambda: archives._iter_tarfile(arc, False)):
@@ -430,9 +447,11 @@ def test_preprocess_is_rgb_then_resize_then_grayscale_from_bytes_or_arrays(chann
     for image in (rgb, gray):
         pil = Image.fromarray(image).convert("RGB").resize((8, 6), Image.Resampling.BILINEAR).convert(mode)
         expected = np.asarray(pil).reshape(6, 8, channels)
-        for got in (preprocess.from_bytes(_png(image), (6, 8), channels),
-                    preprocess.model_pixels(image, (6, 8), channels),
-                    preprocess.model_pixels(image[..., None] if image.ndim == 2 else image, (6, 8), channels)):
+        for got in (
+            preprocess.from_bytes(_png(image), (6, 8), channels),
+            preprocess.model_pixels(image, (6, 8), channels),
+            preprocess.model_pixels(image[..., None] if image.ndim == 2 else image, (6, 8), channels),
+        ):
             np.testing.assert_array_equal(got, expected)
     batch = preprocess.batch_pixels([rgb, gray, gray[..., None]], (6, 8), channels)
     assert batch.shape == (3, 6, 8, channels)
@@ -440,8 +459,10 @@ def test_preprocess_is_rgb_then_resize_then_grayscale_from_bytes_or_arrays(chann
     np.testing.assert_array_equal(batch[0], preprocess.model_pixels(rgb, (6, 8), channels))
     # Arrays already at the size are converted whole: the same pixels as one by one.
     same = rng.integers(0, 256, (5, 6, 8, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(preprocess.batch_pixels(same, (6, 8), channels),
-                                  np.stack([preprocess.model_pixels(im, (6, 8), channels) for im in same]))
+    np.testing.assert_array_equal(
+        preprocess.batch_pixels(same, (6, 8), channels),
+        np.stack([preprocess.model_pixels(im, (6, 8), channels) for im in same]),
+    )
 
 
 def test_preprocess_refuses_what_is_not_a_1_or_3_channel_uint8_image():
@@ -499,15 +520,18 @@ def test_links_inside_an_archive_are_followed(tmp_path):
 # --------------------------------------------------------------------------- unsafe and broken archives
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("dotdot", r"'\.\.' component"),
-    ("absolute", "absolute path"),
-    ("symlink", "points outside"),
-    ("abs_symlink", "points outside"),
-    ("hardlink", "points outside"),
-    ("device", "device file"),
-    ("fifo", "device file, fifo"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("dotdot", r"'\.\.' component"),
+        ("absolute", "absolute path"),
+        ("symlink", "points outside"),
+        ("abs_symlink", "points outside"),
+        ("hardlink", "points outside"),
+        ("device", "device file"),
+        ("fifo", "device file, fifo"),
+    ],
+)
 def test_malicious_tar_is_refused(tmp_path, kind, message):
     arc = make_malicious_tar(tmp_path / "evil.tar.gz", kind)
     with pytest.raises(DataError, match=message):
@@ -517,12 +541,15 @@ def test_malicious_tar_is_refused(tmp_path, kind, message):
         list(archives._iter_tarfile(arc, True))
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("dotdot", r"'\.\.' component"),
-    ("absolute", "absolute path"),
-    ("backslash", r"'\.\.' component"),
-    ("symlink", "points outside"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("dotdot", r"'\.\.' component"),
+        ("absolute", "absolute path"),
+        ("backslash", r"'\.\.' component"),
+        ("symlink", "points outside"),
+    ],
+)
 def test_malicious_zip_is_refused(tmp_path, kind, message):
     arc = make_malicious_zip(tmp_path / "evil.zip", kind)
     with pytest.raises(DataError, match=message):
@@ -643,7 +670,7 @@ def http_server(tmp_path):
 
         def do_GET(self):
             if self.path.startswith("/short/"):
-                body = (www / self.path[len("/short/"):]).read_bytes()
+                body = (www / self.path[len("/short/") :]).read_bytes()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body) + 1000))
                 self.end_headers()
@@ -664,8 +691,7 @@ def http_server(tmp_path):
 def test_download_over_http(tmp_path, http_server, tiny_imagefolder_tgz):
     www, base = http_server
     shutil.copy(tiny_imagefolder_tgz, www / "tiny.tar.gz")
-    rec = download(folder_params(f"{base}/tiny.tar.gz", sha256=sha256_of(tiny_imagefolder_tgz)),
-                   tmp_path / "raw")
+    rec = download(folder_params(f"{base}/tiny.tar.gz", sha256=sha256_of(tiny_imagefolder_tgz)), tmp_path / "raw")
     assert rec["path"] == "tiny.tar.gz" and rec["size"] == tiny_imagefolder_tgz.stat().st_size
     with pytest.raises(DataError, match="404"):
         download(folder_params(f"{base}/nothing.tar.gz"), tmp_path / "raw2")
@@ -681,8 +707,9 @@ def test_a_silent_server_times_out_after_data_timeout(tmp_path):
     try:
         start = time.monotonic()
         with pytest.raises(DataError, match="timed out|no answer"):
-            download(folder_params(f"http://127.0.0.1:{listener.getsockname()[1]}/x.tar.gz", timeout=0.5),
-                     tmp_path / "raw")
+            download(
+                folder_params(f"http://127.0.0.1:{listener.getsockname()[1]}/x.tar.gz", timeout=0.5), tmp_path / "raw"
+            )
         assert time.monotonic() - start < 3
     finally:
         listener.close()
@@ -706,11 +733,17 @@ def test_dvc_repro_split_then_nothing_to_do(tmp_path, tiny_imagefolder_tgz):
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / rel, repo / rel)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    params = repo_params({"data.dataset": "imagefolder", "data.source": str(tiny_imagefolder_tgz),
-                          "data.val_fraction": 0.2})
+    params = repo_params(
+        {"data.dataset": "imagefolder", "data.source": str(tiny_imagefolder_tgz), "data.val_fraction": 0.2}
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params)))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "RESNET_NO_PROGRESS": "1", "GIT_CONFIG_NOSYSTEM": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "RESNET_NO_PROGRESS": "1",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
         r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
@@ -729,7 +762,8 @@ def test_dvc_repro_split_then_nothing_to_do(tmp_path, tiny_imagefolder_tgz):
 
 
 def test_relative_data_source_resolves_from_the_repository_in_dvc_temp_copies(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from resnet.data.sources import _source_kind
 
     (tmp_path / "archive.tar.gz").write_bytes(b"")

@@ -39,8 +39,8 @@ from resnet.evaluation import (
     trained_with,
 )
 from resnet.loader import DeviceLoader
-from resnet.plots import plot_confusion_matrix, plot_misclassified
 from resnet.models import build_model
+from resnet.plots import plot_confusion_matrix, plot_misclassified
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,9 +53,7 @@ SCALARS = ["loss", "accuracy", "top5_accuracy", "macro_precision", "macro_recall
 def test_confusion_matrix_matches_hand_count() -> None:
     y_true = [0, 0, 1, 1, 2, 2, 2]
     y_pred = [0, 1, 1, 1, 2, 0, 1]
-    expected = np.array([[1, 1, 0],
-                         [0, 2, 0],
-                         [1, 1, 1]])
+    expected = np.array([[1, 1, 0], [0, 2, 0], [1, 1, 1]])
     cm = confusion_matrix(y_true, y_pred, 3)
     np.testing.assert_array_equal(cm, expected)
     assert cm.dtype == np.int64
@@ -64,9 +62,7 @@ def test_confusion_matrix_matches_hand_count() -> None:
 
 
 def test_per_class_metrics_match_hand_computation() -> None:
-    cm = np.array([[1, 1, 0],
-                   [0, 2, 0],
-                   [1, 1, 1]])
+    cm = np.array([[1, 1, 0], [0, 2, 0], [1, 1, 1]])
     m = per_class_metrics(cm)
     # precision = tp / column sum (2, 4, 1); recall = tp / row sum (2, 2, 3)
     np.testing.assert_allclose(m["precision"], [1 / 2, 2 / 4, 1 / 1])
@@ -129,14 +125,16 @@ def test_per_class_metrics_rejects_non_square() -> None:
 
 def _known_logits() -> tuple[torch.Tensor, torch.Tensor]:
     """Six classes, six images; the true class ranks 1st, 1st, 2nd, 5th, 6th, 6th."""
-    logits = torch.tensor([
-        [5.0, 1.0, 0.0, 0.0, 0.0, 0.0],   # label 0, rank 1
-        [0.0, 4.0, 1.0, 0.0, 0.0, 0.0],   # label 1, rank 1
-        [3.0, 0.0, 2.0, 0.0, 0.0, 0.0],   # label 2, rank 2 (predicted 0)
-        [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],   # label 4, rank 5 (predicted 0)
-        [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],   # label 5, rank 6 (predicted 0)
-        [1.0, 0.0, 3.0, 2.0, 5.0, 4.0],   # label 1, rank 6 (predicted 4)
-    ])
+    logits = torch.tensor(
+        [
+            [5.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # label 0, rank 1
+            [0.0, 4.0, 1.0, 0.0, 0.0, 0.0],  # label 1, rank 1
+            [3.0, 0.0, 2.0, 0.0, 0.0, 0.0],  # label 2, rank 2 (predicted 0)
+            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # label 4, rank 5 (predicted 0)
+            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # label 5, rank 6 (predicted 0)
+            [1.0, 0.0, 3.0, 2.0, 5.0, 4.0],  # label 1, rank 6 (predicted 4)
+        ]
+    )
     labels = torch.tensor([0, 1, 2, 4, 5, 1])
     return logits, labels
 
@@ -171,7 +169,7 @@ def test_evaluate_loss_does_not_depend_on_the_batching() -> None:
     logits, labels = torch.randn(1000, 10, generator=gen) * 3, torch.randint(0, 10, (1000,), generator=gen)
 
     def loss(batch: int) -> float:
-        batches = [(logits[i:i + batch], labels[i:i + batch]) for i in range(0, 1000, batch)]
+        batches = [(logits[i : i + batch], labels[i : i + batch]) for i in range(0, 1000, batch)]
         return evaluate(nn.Flatten(), batches, 10, device="cpu").loss
 
     assert loss(7) == loss(128) == loss(500) == loss(1000)
@@ -359,8 +357,12 @@ N_VAL, N_TEST = 14, 23
 def _checkpoint_state(classes: list[str], seed: int, epoch: int) -> dict:
     model = _tiny_model(len(classes), seed=seed)
     return {
-        "arch": {"name": "resnet20", "num_classes": len(classes), "in_channels": 3,
-                 "options": {"width_multiplier": 0.25}},
+        "arch": {
+            "name": "resnet20",
+            "num_classes": len(classes),
+            "in_channels": 3,
+            "options": {"width_multiplier": 0.25},
+        },
         "model": model.state_dict(),
         "classes": list(classes),
         "mean": [0.5, 0.5, 0.5],
@@ -373,11 +375,18 @@ def _checkpoint_state(classes: list[str], seed: int, epoch: int) -> dict:
 
 def _stage_params(validate_ckpt: str = "best", evaluate_ckpt: str = "best", misclassified: int = 9) -> dict:
     """The repository's params.yaml, for the CPU and the tiny checkpoints, as a plain mapping."""
-    return dataclasses.asdict(repo_params({
-        "train.device": "cpu", "validate.checkpoint": validate_ckpt, "validate.batch_size": 5,
-        "evaluate.checkpoint": evaluate_ckpt, "evaluate.batch_size": 5,
-        "evaluate.misclassified_examples": misclassified,
-    }))
+    return dataclasses.asdict(
+        repo_params(
+            {
+                "train.device": "cpu",
+                "validate.checkpoint": validate_ckpt,
+                "validate.batch_size": 5,
+                "evaluate.checkpoint": evaluate_ckpt,
+                "evaluate.batch_size": 5,
+                "evaluate.misclassified_examples": misclassified,
+            }
+        )
+    )
 
 
 def _write_params(validate_ckpt: str = "best", evaluate_ckpt: str = "best", misclassified: int = 9) -> None:
@@ -396,8 +405,16 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         images, labels = _tiny_split(n, len(CLASSES), seed=10 + seed)
         np.savez(prepared / f"{split}.npz", images=images, labels=labels)
         counts[split] = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
-    meta = {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": [8, 8],
-            "channels": 3, "counts": counts, "source": "synthetic", "source_sha256": "0" * 64}
+    meta = {
+        "classes": CLASSES,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "image_size": [8, 8],
+        "channels": 3,
+        "counts": counts,
+        "source": "synthetic",
+        "source_sha256": "0" * 64,
+    }
     (tmp_path / paths.META).write_text(json.dumps(meta))
     save_checkpoint(tmp_path / paths.BEST_CHECKPOINT, _checkpoint_state(CLASSES, seed=0, epoch=3))
     save_checkpoint(tmp_path / paths.LAST_CHECKPOINT, _checkpoint_state(CLASSES, seed=1, epoch=5))
@@ -455,8 +472,7 @@ def test_validate_stage(workspace: Path, monkeypatch: pytest.MonkeyPatch, choice
     for path in _declared_outputs("validate"):
         assert path.is_file(), f"dvc.yaml declares {path} but the stage did not write it"
     metrics = json.loads(paths.VAL_METRICS.read_text())
-    assert list(metrics) == [f"val_{k}" for k in SCALARS] + [
-        "checkpoint", "epoch", "num_images", "num_classes", "topk"]
+    assert list(metrics) == [f"val_{k}" for k in SCALARS] + ["checkpoint", "epoch", "num_images", "num_classes", "topk"]
     assert metrics["checkpoint"] == f"models/{choice}.pt"
     assert metrics["epoch"] == epoch
     assert metrics["num_images"] == N_VAL
@@ -517,8 +533,9 @@ def test_val_and_test_metrics_have_the_same_names(workspace: Path, monkeypatch: 
 
 
 @pytest.mark.parametrize("stage", ["validate", "evaluate"])
-def test_mismatched_classes_fail_clearly(workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                         caplog: pytest.LogCaptureFixture, stage: str) -> None:
+def test_mismatched_classes_fail_clearly(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stage: str
+) -> None:
     other = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
     save_checkpoint(paths.BEST_CHECKPOINT, _checkpoint_state(other, seed=0, epoch=3))
     assert _stage(stage, monkeypatch).main() == 1
@@ -529,8 +546,9 @@ def test_mismatched_classes_fail_clearly(workspace: Path, monkeypatch: pytest.Mo
     assert _output_files(workspace) == []
 
 
-def test_bad_params_fail_clearly(workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_params_fail_clearly(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     raw = _stage_params()
     raw["evaluate"]["checkpoint"] = "newest"
     paths.PARAMS.write_text(yaml.safe_dump(raw))
@@ -543,8 +561,9 @@ def test_truncated_checkpoint_fails_clearly_from_the_command_line(workspace: Pat
     """The real CLI: exit status 1, the CheckpointError message on stderr, no outputs."""
     best = paths.BEST_CHECKPOINT
     best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "evaluate.py")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "evaluate.py")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1, proc.stderr
     assert "checkpoint models/best.pt is corrupt or truncated" in proc.stderr
     assert "dvc repro train" in proc.stderr
@@ -552,8 +571,9 @@ def test_truncated_checkpoint_fails_clearly_from_the_command_line(workspace: Pat
     assert _output_files(workspace) == []
 
 
-def test_missing_split_fails_clearly(workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_split_fails_clearly(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     (paths.PREPARED / "val.npz").unlink()
     assert _stage("validate", monkeypatch).main() == 1
     assert "data/prepared/val.npz not found" in caplog.text

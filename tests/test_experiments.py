@@ -52,8 +52,13 @@ def tool_env() -> dict[str, str]:
     """Environment for git, dvc and the retrain command: the venv's python first on PATH
     (DVC runs ``python stages/x.py``), no inherited MLflow store or DVC experiment."""
     env = {k: v for k, v in os.environ.items() if k not in ISOLATED}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
-               RESNET_NO_PROGRESS="1", GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        RESNET_NO_PROGRESS="1",
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_TERMINAL_PROMPT="0",
+    )
     return env
 
 
@@ -113,11 +118,15 @@ def stages_with(report: str, what: str) -> list[str]:
 def test_param_changes_from_dvc_params_diff_json() -> None:
     # Shaped as `dvc params diff BASE --json` writes it (DVC 3.67): an added key is null on the
     # old side, lists come as strings, numbers with their "diff".
-    diff = {"params.yaml": {"train.lr": {"old": 0.2, "new": 0.05, "diff": -0.15},
-                            "train.milestones": {"old": "[5]", "new": "[5, 8]"},
-                            "data.max_per_class": {"old": None, "new": 500, "diff": None},
-                            "train.augment.flip": {"old": True, "new": False}},
-            "configs/extra.yaml": {"seed": {"old": 1, "new": 2, "diff": 1}}}
+    diff = {
+        "params.yaml": {
+            "train.lr": {"old": 0.2, "new": 0.05, "diff": -0.15},
+            "train.milestones": {"old": "[5]", "new": "[5, 8]"},
+            "data.max_per_class": {"old": None, "new": 500, "diff": None},
+            "train.augment.flip": {"old": True, "new": False},
+        },
+        "configs/extra.yaml": {"seed": {"old": 1, "new": 2, "diff": 1}},
+    }
     assert rep.param_changes(diff) == [
         rep.ParamChange("configs/extra.yaml:seed", 1, 2),  # another params file: named with its file
         rep.ParamChange("data.max_per_class", None, 500),
@@ -131,13 +140,19 @@ def test_param_changes_from_dvc_params_diff_json() -> None:
 def test_metric_rows_keep_numbers_in_dvc_yaml_order() -> None:
     # Shaped as `dvc metrics diff BASE --all --json` writes it on a first run (old side null)
     # and with values that are not numbers.
-    diff = {"metrics/test.json": {"test_accuracy": {"old": None, "new": 0.5},
-                                  "checkpoint": {"old": None, "new": "models/best.pt"},
-                                  "stopped_early": {"old": None, "new": False},
-                                  "epoch": {"old": None, "new": 3}},
-            "metrics/train.json": {"best_val_accuracy": {"old": 0.5, "new": 0.75, "diff": 0.25},
-                                   "loss": {"old": 1.0, "new": float("nan")}},
-            "metrics/other.json": {"x": {"old": 1, "new": 1, "diff": 0}}}
+    diff = {
+        "metrics/test.json": {
+            "test_accuracy": {"old": None, "new": 0.5},
+            "checkpoint": {"old": None, "new": "models/best.pt"},
+            "stopped_early": {"old": None, "new": False},
+            "epoch": {"old": None, "new": 3},
+        },
+        "metrics/train.json": {
+            "best_val_accuracy": {"old": 0.5, "new": 0.75, "diff": 0.25},
+            "loss": {"old": 1.0, "new": float("nan")},
+        },
+        "metrics/other.json": {"x": {"old": 1, "new": 1, "diff": 0}},
+    }
     rows = rep.metric_rows(diff, files=["metrics/train.json", "metrics/test.json"])
     assert [(r.file, r.key, r.old, r.new) for r in rows] == [
         ("metrics/train.json", "best_val_accuracy", 0.5, 0.75),
@@ -152,10 +167,16 @@ def test_metric_rows_keep_numbers_in_dvc_yaml_order() -> None:
 def test_metric_files_and_stage_names_from_the_project_pipeline() -> None:
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert rep.stage_names(pipeline) == STAGES
-    assert rep.metric_files(pipeline) == ["metrics/train.json", "metrics/val.json", "metrics/test.json",
-                                        "metrics/register.json"]
-    assert rep.metric_files({"stages": {"a": {"metrics": ["x.json"]}}, "metrics": ["x.json", "y.json"]}) == \
-        ["x.json", "y.json"]
+    assert rep.metric_files(pipeline) == [
+        "metrics/train.json",
+        "metrics/val.json",
+        "metrics/test.json",
+        "metrics/register.json",
+    ]
+    assert rep.metric_files({"stages": {"a": {"metrics": ["x.json"]}}, "metrics": ["x.json", "y.json"]}) == [
+        "x.json",
+        "y.json",
+    ]
 
 
 def test_stage_outcomes_from_dvc_status_and_lock() -> None:
@@ -186,10 +207,18 @@ def test_stage_outcomes_from_dvc_status_and_lock() -> None:
 def test_new_experiments_from_dvc_exp_show_json() -> None:
     def shown(*names: str) -> list[dict]:
         # `dvc exp show --json`: the workspace, then the baseline commit and its experiments.
-        exps = [{"name": n, "executor": None, "revs": [{"rev": f"{i:040x}", "name": n, "data": {}, "error": None,
-                                                         "experiments": None}]} for i, n in enumerate(names)]
-        return [{"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
-                {"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": exps or None}]
+        exps = [
+            {
+                "name": n,
+                "executor": None,
+                "revs": [{"rev": f"{i:040x}", "name": n, "data": {}, "error": None, "experiments": None}],
+            }
+            for i, n in enumerate(names)
+        ]
+        return [
+            {"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
+            {"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": exps or None},
+        ]
 
     assert rep.new_experiments(shown("old-one"), shown("old-one", "brisk-lark")) == ["brisk-lark"]
     assert rep.new_experiments(shown(), shown()) == [] and rep.new_experiments(None, shown("x")) == ["x"]
@@ -203,32 +232,52 @@ def test_bad_override_is_refused_naming_it(bad: str) -> None:
 
 
 def test_good_overrides_pass_unchanged() -> None:
-    good = ["train.lr=0.05", "train.augment.flip=false", "params.yaml:model.name=resnet32", "train.milestones=[5,8]",
-            "data.source=https://mirror.example/c10.tar.gz", "+train.extra=1", "++train.lr=0.1", "~train.grad_clip"]
+    good = [
+        "train.lr=0.05",
+        "train.augment.flip=false",
+        "params.yaml:model.name=resnet32",
+        "train.milestones=[5,8]",
+        "data.source=https://mirror.example/c10.tar.gz",
+        "+train.extra=1",
+        "++train.lr=0.1",
+        "~train.grad_clip",
+    ]
     assert R.parse_overrides(good) == good
 
 
 def test_redact_hides_url_credentials_and_signatures() -> None:
-    assert rep.redact("https://user:tok3n@mirror.example/c10.tar.gz?sig=abc") == "https://***@mirror.example/c10.tar.gz?***"
-    assert rep.redact("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz") == \
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert (
+        rep.redact("https://user:tok3n@mirror.example/c10.tar.gz?sig=abc")
+        == "https://***@mirror.example/c10.tar.gz?***"
+    )
+    assert (
+        rep.redact("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
+        == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    )
     assert rep.redact("../shared/c10.tar.gz") == "../shared/c10.tar.gz" and rep.redact(0.1) == 0.1
 
 
 def test_format_report_tables_first_run_failure_and_redaction() -> None:
-    run = rep.RunResult(["/venv/bin/dvc", "exp", "run", "-S", "train.lr=0.05", "-S",
-                       "data.source=https://u:p@y.example/b.tgz"], 1,
-                      "line\n" * 100 + "ERROR: boom: https://u:p@y.example/b.tgz not found\n",
-                      rep.StageLog(reproduced=["train"], stale=["evaluate"], unchanged=["download"],
-                                 experiments=["brisk-lark"]))
+    run = rep.RunResult(
+        ["/venv/bin/dvc", "exp", "run", "-S", "train.lr=0.05", "-S", "data.source=https://u:p@y.example/b.tgz"],
+        1,
+        "line\n" * 100 + "ERROR: boom: https://u:p@y.example/b.tgz not found\n",
+        rep.StageLog(reproduced=["train"], stale=["evaluate"], unchanged=["download"], experiments=["brisk-lark"]),
+    )
     report = rep.Report(
-        base="main", base_commit="a" * 40,
-        params=[rep.ParamChange("train.lr", 0.2, 0.05), rep.ParamChange("data.source", "https://x.example/a.tgz",
-                                                                    "https://u:p@y.example/b.tgz"),
-                rep.ParamChange("train.cutout", None, 8)],
+        base="main",
+        base_commit="a" * 40,
+        params=[
+            rep.ParamChange("train.lr", 0.2, 0.05),
+            rep.ParamChange("data.source", "https://x.example/a.tgz", "https://u:p@y.example/b.tgz"),
+            rep.ParamChange("train.cutout", None, 8),
+        ],
         metrics=rep.metric_rows({"metrics/test.json": {"test_accuracy": {"old": None, "new": 0.61234}}}),
-        overrides=["train.lr=0.05", "data.source=https://u:p@y.example/b.tgz"], run=run,
-        stage_order=["download", "train", "evaluate", "register"], redact_keys=frozenset({"data.source"}))
+        overrides=["train.lr=0.05", "data.source=https://u:p@y.example/b.tgz"],
+        run=run,
+        stage_order=["download", "train", "evaluate", "register"],
+        redact_keys=frozenset({"data.source"}),
+    )
     text = rep.format_report(report)
     assert "Compared with `main` (aaaaaaaaaa)" in text and "**failed** with exit status 1" in text
     assert table_row(text, "train.lr") == ["train.lr", "`0.2`", "`0.05`"]
@@ -236,8 +285,13 @@ def test_format_report_tables_first_run_failure_and_redaction() -> None:
     assert table_row(text, "data.source") == ["data.source", "`***`", "`***`"]
     assert "u:p" not in text and "y.example" not in text and "`-S data.source=***`" in text
     assert "(`dvc exp run -S train.lr=0.05 -S data.source=***`)" in text
-    assert metric_row(text, "metrics/test.json", "test_accuracy") == ["metrics/test.json", "test_accuracy", "—",
-                                                                      "0.6123", ""]
+    assert metric_row(text, "metrics/test.json", "test_accuracy") == [
+        "metrics/test.json",
+        "test_accuracy",
+        "—",
+        "0.6123",
+        "",
+    ]
     assert "has no metrics yet (first run)" in text
     assert stages_with(text, rep.REPRODUCED) == ["train"] and stages_with(text, rep.UNCHANGED) == ["download"]
     assert stages_with(text, rep.STILL_STALE) == ["evaluate"] and stages_with(text, "not reached") == ["register"]
@@ -248,11 +302,17 @@ def test_format_report_tables_first_run_failure_and_redaction() -> None:
 
 # --------------------------------------------------------------------------- the command, on a toy pipeline
 
-TOY_PIPELINE = {"stages": {
-    "prep": {"cmd": "python prep.py", "deps": ["prep.py"], "params": ["prep"], "outs": ["prep.txt"]},
-    "score": {"cmd": "python score.py", "deps": ["score.py", "prep.txt"], "params": ["score"],
-              "metrics": [{"metrics/score.json": {"cache": False}}]},
-}}
+TOY_PIPELINE = {
+    "stages": {
+        "prep": {"cmd": "python prep.py", "deps": ["prep.py"], "params": ["prep"], "outs": ["prep.txt"]},
+        "score": {
+            "cmd": "python score.py",
+            "deps": ["score.py", "prep.txt"],
+            "params": ["score"],
+            "metrics": [{"metrics/score.json": {"cache": False}}],
+        },
+    }
+}
 TOY_PREP = "import yaml\np = yaml.safe_load(open('params.yaml'))['prep']\nopen('prep.txt', 'w').write(str(p['n']))\n"
 TOY_SCORE = """import json, os, sys, yaml
 p = yaml.safe_load(open('params.yaml'))['score']
@@ -366,7 +426,9 @@ def test_report_parts_from_dvc_json_captured_on_the_toy_pipeline(toy_repo: Path)
     # A param of the second stage, and a new one: only score is stale and reruns.
     set_params(toy_repo, score={"k": 5, "extra": 1})
     assert rep.param_changes(dvc_out(toy_repo, "params", "diff", "HEAD")) == [
-        rep.ParamChange("score.extra", None, 1), rep.ParamChange("score.k", 2, 5)]
+        rep.ParamChange("score.extra", None, 1),
+        rep.ParamChange("score.k", 2, 5),
+    ]
     stages, rc = outcomes_of_repro(toy_repo)
     assert rc == 0 and (stages.reproduced, stages.unchanged) == (["score"], ["prep"])
     (row,) = rep.metric_rows(dvc_out(toy_repo, "metrics", "diff", "HEAD", "--all"))
@@ -404,9 +466,9 @@ sys.exit(proc.wait())
 
 
 @needs_tools
-def test_stages_and_experiment_do_not_depend_on_dvcs_log_wording(toy_repo: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_stages_and_experiment_do_not_depend_on_dvcs_log_wording(
+    toy_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     wrapper = tmp_path / "dvc"
     wrapper.write_text(REWORDED_DVC.format(python=sys.executable, dvc=DVC))
     wrapper.chmod(0o755)
@@ -445,15 +507,31 @@ def tiny_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     # Relative and outside the repository: queued runs must resolve it from the
     # repository root, not from their temporary copy under .dvc/tmp/exps/.
-    params["data"].update(dataset="imagefolder", source="../data-src/tiny.tar.gz", val_fraction=0.25,
-                          max_per_class=None, image_size=None, timeout=15.0)
+    params["data"].update(
+        dataset="imagefolder",
+        source="../data-src/tiny.tar.gz",
+        val_fraction=0.25,
+        max_per_class=None,
+        image_size=None,
+        timeout=15.0,
+    )
     # Narrow widths with shortcut B and channels_last crash oneDNN on CPU: shortcut A, NCHW.
     params["model"].update(name="resnet20", width_multiplier=0.25, shortcut="A", stem=None, pretrained=None)
     # lr 1e-4 stays near chance (about 0.17 test accuracy here), lr 0.1 learns these
     # colour-coded classes (about 0.9): the runs below are clearly worse or better.
-    params["train"].update(epochs=EPOCHS, batch_size=9, lr=BASELINE_LR, schedule="constant", warmup_epochs=0,
-                           num_threads=1, channels_last=False, compile=False, device="cpu", precision="fp32",
-                           early_stopping_patience=0)
+    params["train"].update(
+        epochs=EPOCHS,
+        batch_size=9,
+        lr=BASELINE_LR,
+        schedule="constant",
+        warmup_epochs=0,
+        num_threads=1,
+        channels_last=False,
+        compile=False,
+        device="cpu",
+        precision="fp32",
+        early_stopping_patience=0,
+    )
     params["validate"]["batch_size"] = 64
     params["evaluate"].update(batch_size=64, misclassified_examples=9)
     params["register"]["model_name"] = MODEL_NAME
@@ -712,14 +790,29 @@ def test_workflow_job_sets_up_with_make_runs_retrain_and_publishes() -> None:
 
 def test_workflow_matches_githubs_workflow_schema(tmp_path: Path) -> None:
     pytest.importorskip("check_jsonschema", reason="check-jsonschema is in the dev extras (make install)")
-    r = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
-                        str(WORKFLOW)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     # The schema check can fail: an unknown key is refused.
     broken = WORKFLOW.read_text().replace("timeout-minutes: 120", "timeout-minutes: 120\n    runs_on: x")
     (tmp_path / "broken.yml").write_text(broken)
-    r = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
-                        str(tmp_path / "broken.yml")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(tmp_path / "broken.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "runs_on" in r.stdout + r.stderr
 
 
@@ -734,8 +827,12 @@ def test_workflow_passes_actionlint_when_installed() -> None:
 def test_make_retrain_runs_the_same_command() -> None:
     if shutil.which("make") is None:
         pytest.skip("needs make")
-    r = subprocess.run(["make", "-n", "retrain", "BASE=origin/main",
-                        "RETRAIN_ARGS=-S train.lr=0.05 --report r.md"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        ["make", "-n", "retrain", "BASE=origin/main", "RETRAIN_ARGS=-S train.lr=0.05 --report r.md"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert ".venv/bin/python -m resnet.retrain --base origin/main -S train.lr=0.05 --report r.md" in r.stdout

@@ -40,13 +40,19 @@ def gpu_loaders(params, meta, **kw):
 
 @pytest.mark.parametrize(
     "precision,channels_last,compile_",
-    [("fp32", False, False), ("fp32", True, False), ("bf16", True, False), ("fp16", False, False),
-     ("fp16", True, False), ("bf16", True, True)],
+    [
+        ("fp32", False, False),
+        ("fp32", True, False),
+        ("bf16", True, False),
+        ("fp16", False, False),
+        ("fp16", True, False),
+        ("bf16", True, True),
+    ],
 )
-def test_fit_on_gpu_learns_and_checkpoints_load_on_cpu(tmp_path: Path, precision: str, channels_last: bool,
-                                                       compile_: bool) -> None:
-    params = make_params(epochs=4, lr=0.1, precision=precision, channels_last=channels_last, compile=compile_,
-                         **CUDA)
+def test_fit_on_gpu_learns_and_checkpoints_load_on_cpu(
+    tmp_path: Path, precision: str, channels_last: bool, compile_: bool
+) -> None:
+    params = make_params(epochs=4, lr=0.1, precision=precision, channels_last=channels_last, compile=compile_, **CUDA)
     meta = make_meta()
     result = fit(params, meta, *gpu_loaders(params, meta, n_train=512, n_val=128), tmp_path)
 
@@ -110,8 +116,9 @@ def test_device_loader_on_gpu_matches_cpu_without_augmentation() -> None:
 def test_device_loader_augments_on_the_gpu() -> None:
     images, labels = quadrant_task(256, 16)
     aug = AugmentParams(crop_padding=2, flip=True, cutout=4)
-    loader = DeviceLoader(images, labels, 64, mean=[0.5] * 3, std=[0.25] * 3, device="cuda", train=True,
-                          augment=aug, seed=0)
+    loader = DeviceLoader(
+        images, labels, 64, mean=[0.5] * 3, std=[0.25] * 3, device="cuda", train=True, augment=aug, seed=0
+    )
     plain = DeviceLoader(images, labels, 64, mean=[0.5] * 3, std=[0.25] * 3, device="cuda", train=False)
     loader.set_epoch(0)
     first = [x.clone() for x, _ in loader]

@@ -38,15 +38,18 @@ def test_eval_batches_shapes_dtypes_and_normalisation():
         assert xb.dtype == torch.float32 and xb.shape[1:] == (3, 8, 8) and xb.device.type == "cpu"
         assert yb.dtype == torch.int64
     got, labels = collect(loader)
-    expect = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
-        / torch.tensor(std).view(1, 3, 1, 1)
+    expect = (
+        torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)
+    ) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
     assert labels.tolist() == y.tolist()  # fixed order
 
 
 def test_eval_order_is_fixed_and_ignores_augment_and_epoch():
     x, y = images(7), np.arange(7)
-    loader = DeviceLoader(x, y, 3, mean=[0] * 3, std=[1] * 3, augment=AugmentParams(crop_padding=4, flip=True, cutout=4))
+    loader = DeviceLoader(
+        x, y, 3, mean=[0] * 3, std=[1] * 3, augment=AugmentParams(crop_padding=4, flip=True, cutout=4)
+    )
     first = collect(loader)
     loader.set_epoch(5)
     second = collect(loader)
@@ -57,7 +60,10 @@ def test_eval_order_is_fixed_and_ignores_augment_and_epoch():
 def test_train_shuffles_every_image_once_and_is_seeded():
     n, b = 50, 8
     x, y = images(n), np.arange(n)
-    make = lambda seed: DeviceLoader(x, y, b, mean=[0] * 3, std=[1] * 3, train=True, augment=NO_AUG, seed=seed)
+
+    def make(seed: int) -> DeviceLoader:
+        return DeviceLoader(x, y, b, mean=[0] * 3, std=[1] * 3, train=True, augment=NO_AUG, seed=seed)
+
     loader = make(0)
     assert len(loader) == n // b
     _, labels = collect(loader)
@@ -90,15 +96,27 @@ def test_augmented_batches_are_reproducible_for_a_resumed_run():
 def test_crop_stays_within_the_zero_padded_image():
     pad = 4
     x, y = images(64, low=1), np.arange(64)  # no zero pixels: padding is recognisable
-    loader = DeviceLoader(x, y, 64, mean=[0] * 3, std=[1] * 3, train=True,
-                          augment=AugmentParams(crop_padding=pad, flip=False, cutout=0), seed=1)
+    loader = DeviceLoader(
+        x,
+        y,
+        64,
+        mean=[0] * 3,
+        std=[1] * 3,
+        train=True,
+        augment=AugmentParams(crop_padding=pad, flip=False, cutout=0),
+        seed=1,
+    )
     xb, yb = next(iter(loader))
     out = raw(xb)
     offsets = set()
     for img, label in zip(out, yb.tolist()):
         padded = np.pad(x[label], ((pad, pad), (pad, pad), (0, 0)))
-        matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                   if np.array_equal(padded[dy:dy + 8, dx:dx + 8], img)]
+        matches = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if np.array_equal(padded[dy : dy + 8, dx : dx + 8], img)
+        ]
         assert matches, "a crop that is no window of the padded image"
         offsets.add(matches[0])
     assert len(offsets) > 10  # offsets vary per image
@@ -106,8 +124,16 @@ def test_crop_stays_within_the_zero_padded_image():
 
 def test_flip_is_a_horizontal_mirror():
     x, y = images(64), np.arange(64)
-    loader = DeviceLoader(x, y, 64, mean=[0] * 3, std=[1] * 3, train=True,
-                          augment=AugmentParams(crop_padding=0, flip=True, cutout=0), seed=2)
+    loader = DeviceLoader(
+        x,
+        y,
+        64,
+        mean=[0] * 3,
+        std=[1] * 3,
+        train=True,
+        augment=AugmentParams(crop_padding=0, flip=True, cutout=0),
+        seed=2,
+    )
     xb, yb = next(iter(loader))
     flipped = 0
     for img, label in zip(raw(xb), yb.tolist()):
@@ -121,8 +147,16 @@ def test_flip_is_a_horizontal_mirror():
 def test_cutout_zeroes_one_square_per_image():
     size = 4
     x, y = images(64, low=1), np.arange(64)
-    loader = DeviceLoader(x, y, 64, mean=[0] * 3, std=[1] * 3, train=True,
-                          augment=AugmentParams(crop_padding=0, flip=False, cutout=size), seed=3)
+    loader = DeviceLoader(
+        x,
+        y,
+        64,
+        mean=[0] * 3,
+        std=[1] * 3,
+        train=True,
+        augment=AugmentParams(crop_padding=0, flip=False, cutout=size),
+        seed=3,
+    )
     xb, yb = next(iter(loader))
     full_squares = 0
     for img, label in zip(raw(xb), yb.tolist()):
@@ -131,7 +165,7 @@ def test_cutout_zeroes_one_square_per_image():
         np.testing.assert_array_equal(img[~zero], x[label][~zero])  # untouched elsewhere
         rows, cols = np.flatnonzero(zero.any(1)), np.flatnonzero(zero.any(0))
         assert len(rows) >= 1
-        assert zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one solid rectangle
+        assert zero[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()  # one solid rectangle
         assert len(rows) <= size and len(cols) <= size  # clipped at the border, never larger
         full_squares += len(rows) == size and len(cols) == size
     assert full_squares > 0
@@ -141,8 +175,16 @@ def test_labels_follow_their_images_through_shuffle_and_augmentation():
     n = 30
     y = np.arange(n) % 10
     x = np.repeat((y * 20 + 10).astype(np.uint8)[:, None, None, None], 8, axis=1).repeat(8, 2).repeat(3, 3)
-    loader = DeviceLoader(x, y, 8, mean=[0] * 3, std=[1] * 3, train=True,
-                          augment=AugmentParams(crop_padding=2, flip=True, cutout=0), seed=4)
+    loader = DeviceLoader(
+        x,
+        y,
+        8,
+        mean=[0] * 3,
+        std=[1] * 3,
+        train=True,
+        augment=AugmentParams(crop_padding=2, flip=True, cutout=0),
+        seed=4,
+    )
     for xb, yb in loader:
         centre = raw(xb)[:, 4, 4, 0]
         np.testing.assert_array_equal(centre, yb.numpy() * 20 + 10)

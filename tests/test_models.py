@@ -54,15 +54,22 @@ def test_cifar_family_features_shrink_to_8x8() -> None:
 
 @pytest.mark.parametrize(
     "name,expected",
-    [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032),
-     ("resnet101", 44_549_160), ("resnet152", 60_192_808)],
+    [
+        ("resnet18", 11_689_512),
+        ("resnet34", 21_797_672),
+        ("resnet50", 25_557_032),
+        ("resnet101", 44_549_160),
+        ("resnet152", 60_192_808),
+    ],
 )
 def test_four_stage_parameter_counts_match_published(name: str, expected: int) -> None:
     assert count_parameters(build_model(name, 1000)) == expected
 
 
-@pytest.mark.parametrize("name,expected_m", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66),
-                                             ("resnet56", 0.85), ("resnet110", 1.7)])
+@pytest.mark.parametrize(
+    "name,expected_m",
+    [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66), ("resnet56", 0.85), ("resnet110", 1.7)],
+)
 def test_cifar_parameter_counts_match_paper(name: str, expected_m: float) -> None:
     # He et al. 2015, table 6, report option-A counts: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M.
     count = count_parameters(build_model(name, 10, shortcut="A"))
@@ -103,8 +110,10 @@ def test_torchvision_parity(name: str) -> None:
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,stem", [(n, "imagenet") for n in FOUR_STAGE] + [("resnet18", "cifar"), ("resnet50", "cifar")]
-                         + [(n, None) for n in CIFAR])
+@pytest.mark.parametrize(
+    "name,stem",
+    [(n, "imagenet") for n in FOUR_STAGE] + [("resnet18", "cifar"), ("resnet50", "cifar")] + [(n, None) for n in CIFAR],
+)
 def test_every_parameter_receives_a_gradient(name: str, stem: str | None) -> None:
     options = {"stem": stem} if stem else {"shortcut": "A"} if name == "resnet20" else {}
     model = build_model(name, num_classes=5, **options)

@@ -76,11 +76,9 @@ def test_code_deps_are_exactly_the_modules_the_stage_runs(stage: str) -> None:
     assert f"stages/{stage}.py" in deps and PIPELINE["stages"][stage]["cmd"] == f"python stages/{stage}.py"
     code_deps = {REPO / d for d in deps if d.startswith("src/")}
     needed = modules_run_by(script)
-    uncovered = sorted(str(f.relative_to(REPO)) for f in needed
-                       if not any(f == d or d in f.parents for d in code_deps))
+    uncovered = sorted(str(f.relative_to(REPO)) for f in needed if not any(f == d or d in f.parents for d in code_deps))
     assert not uncovered, f"dvc.yaml stage {stage} runs these modules but does not depend on them: {uncovered}"
-    unused = sorted(str(d.relative_to(REPO)) for d in code_deps
-                    if not any(f == d or d in f.parents for f in needed))
+    unused = sorted(str(d.relative_to(REPO)) for d in code_deps if not any(f == d or d in f.parents for f in needed))
     assert not unused, f"dvc.yaml stage {stage} depends on modules it never runs: {unused}"
 
 
@@ -103,8 +101,11 @@ def test_every_handed_over_file_is_written_by_an_earlier_stage() -> None:
 
 def test_the_architecture_doc_names_every_module_and_every_handed_over_file() -> None:
     doc = (REPO / "docs" / "architecture.md").read_text()
-    modules = sorted(p.relative_to(SRC / "resnet") for p in (SRC / "resnet").rglob("*.py")
-                     if p.name != "__init__.py" or p.parent != SRC / "resnet")
+    modules = sorted(
+        p.relative_to(SRC / "resnet")
+        for p in (SRC / "resnet").rglob("*.py")
+        if p.name != "__init__.py" or p.parent != SRC / "resnet"
+    )
     unnamed = [str(m) for m in modules if f"`{m.as_posix()}`" not in doc]
     assert not unnamed, f"docs/architecture.md does not list these modules: {unnamed}"
     files = {str(p) for outs in paths.STAGE_OUTPUTS.values() for p in outs}
@@ -115,7 +116,12 @@ def test_the_architecture_doc_names_every_module_and_every_handed_over_file() ->
 def test_the_stage_scripts_name_no_file_paths_themselves() -> None:
     """Stage scripts take their paths from resnet.paths, so dvc.yaml and the code cannot drift."""
     for script in sorted((REPO / "stages").glob("*.py")):
-        literals = [n.value for n in ast.walk(ast.parse(script.read_text()))
-                    if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                    and n.value.startswith(("data/", "models/", "metrics/", "plots/")) and " " not in n.value]
+        literals = [
+            n.value
+            for n in ast.walk(ast.parse(script.read_text()))
+            if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)
+            and n.value.startswith(("data/", "models/", "metrics/", "plots/"))
+            and " " not in n.value
+        ]
         assert not literals, f"{script.name} names paths itself: {literals}; use resnet.paths"

@@ -28,46 +28,49 @@ GOOD = yaml.safe_load(PARAMS_FILE.read_text())
 # (key the message must name, change): change is {dotted key: value}, a key mapped to DELETE, or raw file text.
 DELETE = object()
 CASES: list[tuple[str, dict | str]] = [
-    ("trian", {"trian": {"lr": 0.1}}),                               # unknown keys at every level
+    ("trian", {"trian": {"lr": 0.1}}),  # unknown keys at every level
     ("learning_rate", {"train.learning_rate": 0.1}),
     ("rotate", {"train.augment.rotate": 15}),
     ("shuffle", {"data.shuffle": True}),
-    ("train.lr", {"train.lr": "fast"}),                              # wrong types
+    ("train.lr", {"train.lr": "fast"}),  # wrong types
     ("train.epochs", {"train.epochs": 2.5}),
     ("train.nesterov", {"train.nesterov": "yes"}),
     ("data.channels", {"data.channels": "3"}),
     ("model.width_multiplier", {"model.width_multiplier": [1.0]}),
     ("tracking", {"tracking": "sqlite:///x.db"}),
-    ("train.lr", {"train.lr": -0.1}),                                # out of range
+    ("train.lr", {"train.lr": -0.1}),  # out of range
     ("data.val_fraction", {"data.val_fraction": 1.0}),
     ("train.momentum", {"train.momentum": 1.0}),
     ("evaluate.misclassified_examples", {"evaluate.misclassified_examples": 1000}),
     ("train.augment.crop_padding", {"train.augment.crop_padding": -1}),
-    ("train.optimizer", {"train.optimizer": "adam"}),                # bad choices
+    ("train.optimizer", {"train.optimizer": "adam"}),  # bad choices
     ("model.name", {"model.name": "resnet19"}),
     ("validate.checkpoint", {"validate.checkpoint": "middle"}),
     ("register.metric", {"register.metric": "loss"}),
     ("train.schedule", {"train.schedule": "linear"}),
-    ("model.stem", {"model.stem": "imagenet"}),                      # cross-field conflicts
+    ("model.stem", {"model.stem": "imagenet"}),  # cross-field conflicts
     ("train.nesterov", {"train.momentum": 0.0}),
     ("train.milestones", {"train.schedule": "multistep", "train.milestones": []}),
     ("train.warmup_epochs", {"train.warmup_epochs": 100.0}),
     ("model.freeze_backbone", {"model.freeze_backbone": True}),
     ("model.pretrained", {"model.pretrained": "missing.pt"}),
     ("data.sha256", {"data.sha256": "abc"}),
-    ("train.lr", {"train.lr": DELETE}),                              # missing keys and sections
+    ("train.lr", {"train.lr": DELETE}),  # missing keys and sections
     ("tracking", {"tracking": DELETE}),
-    ("params.yaml is empty", ""),                                    # broken files
+    ("params.yaml is empty", ""),  # broken files
     ("not valid YAML at line", "train: [unclosed\n"),
     ("expected a mapping", "- just\n- a list\n"),
 ]
 if not torch.cuda.is_available():
-    CASES += [("train.device", {"train.device": "cuda"}),
-              ("train.channels_last", {"model.width_multiplier": 0.25})]
+    CASES += [("train.device", {"train.device": "cuda"}), ("train.channels_last", {"model.width_multiplier": 0.25})]
 
 # Outputs of an earlier run, which a failing stage must leave exactly as they are.
-EARLIER = {"models/run.json": '{"run_id": "abc"}\n', "metrics/train.json": '{"best_val_accuracy": 0.5}\n',
-           "metrics/test.json": '{"test_accuracy": 0.5}\n', "data/prepared/meta.json": "{}\n"}
+EARLIER = {
+    "models/run.json": '{"run_id": "abc"}\n',
+    "metrics/train.json": '{"best_val_accuracy": 0.5}\n',
+    "metrics/test.json": '{"test_accuracy": 0.5}\n',
+    "data/prepared/meta.json": "{}\n",
+}
 
 
 def _params_text(change: dict | str) -> str:
@@ -97,8 +100,11 @@ def _workspace(root: Path, change: dict | str) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # The driver: for each case, chdir into its workspace, send fd 2 to a file, call the stage's main().
@@ -154,8 +160,13 @@ def test_every_bad_params_case_stops_every_stage_before_any_work(tmp_path: Path)
         root = _workspace(tmp_path / f"case{i}", change)
         snapshots.append(_snapshot(root))
         cases.append({"stage": STAGES[i % len(STAGES)], "workspace": str(root), "needle": needle})
-    out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(REPO / "stages")],
-                         capture_output=True, text=True, env=_clean_env(), timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(cases), str(REPO / "stages")],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     for case, rc, before in zip(cases, results, snapshots):
@@ -166,12 +177,19 @@ def test_every_bad_params_case_stops_every_stage_before_any_work(tmp_path: Path)
 @pytest.mark.slow
 def test_stage_scripts_exit_1_with_one_line_as_dvc_runs_them(tmp_path: Path) -> None:
     """`python stages/<stage>.py`, one per stage, each with another mistake."""
+
     def run(i: int) -> tuple[Path, subprocess.CompletedProcess, str, dict]:
         needle, change = CASES[i * 5 % len(CASES)]
         root = _workspace(tmp_path / STAGES[i], change)
         before = _snapshot(root)
-        out = subprocess.run([sys.executable, str(REPO / "stages" / f"{STAGES[i]}.py")], cwd=root,
-                             capture_output=True, text=True, env=_clean_env(), timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(REPO / "stages" / f"{STAGES[i]}.py")],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env=_clean_env(),
+            timeout=300,
+        )
         return root, out, needle, before
 
     with ThreadPoolExecutor(2) as pool:

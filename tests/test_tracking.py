@@ -39,12 +39,23 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _checkpoint(path: Path, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model("resnet20", len(CLASSES), width_multiplier=0.25).eval()
-    save_checkpoint(path, {
-        "arch": {"name": "resnet20", "num_classes": len(CLASSES), "in_channels": 3,
-                 "options": {"width_multiplier": 0.25}},
-        "model": model.state_dict(), "classes": CLASSES, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
-        "image_size": [16, 16], "epoch": 1,
-    })
+    save_checkpoint(
+        path,
+        {
+            "arch": {
+                "name": "resnet20",
+                "num_classes": len(CLASSES),
+                "in_channels": 3,
+                "options": {"width_multiplier": 0.25},
+            },
+            "model": model.state_dict(),
+            "classes": CLASSES,
+            "mean": [0.5, 0.4, 0.3],
+            "std": [0.2, 0.25, 0.3],
+            "image_size": [16, 16],
+            "epoch": 1,
+        },
+    )
     return model
 
 
@@ -94,10 +105,9 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
 
 def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
     params = repo_params()
-    with pytest.raises(KeyboardInterrupt):
-        with tracking.start_run(params, META, "cpu", "models/run.json") as run:
-            run.log_epoch(1, {"train_loss": 2.0})
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), tracking.start_run(params, META, "cpu", "models/run.json") as run:
+        run.log_epoch(1, {"train_loss": 2.0})
+        raise KeyboardInterrupt
     assert mlflow.get_run(run.run_id).info.status == "KILLED"
     with tracking.start_run(params, META, "cpu", "models/run.json", resume_run_id=run.run_id) as again:
         again.log_epoch(2, {"train_loss": 1.0})
@@ -107,9 +117,11 @@ def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
 
 
 def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:
-    with pytest.raises(tracking.TrackingError, match="dvc repro train"):
-        with tracking.continue_run(repo_params(), "models/run.json"):
-            pass
+    with (
+        pytest.raises(tracking.TrackingError, match="dvc repro train"),
+        tracking.continue_run(repo_params(), "models/run.json"),
+    ):
+        pass
 
 
 def test_registry_champion_moves_only_when_better(repo: Path) -> None:
@@ -130,13 +142,17 @@ def test_registry_champion_moves_only_when_better(repo: Path) -> None:
     assert client.get_model_version("tiny", "4").tags["test_accuracy"] == "0.6"
 
 
-@pytest.mark.parametrize("code,raised", [
-    ("RESOURCE_ALREADY_EXISTS", None),  # a second registration of the same name: fine
-    ("PERMISSION_DENIED", "cannot create registered model 'tiny'.*PERMISSION_DENIED.*credentials"),
-    ("TEMPORARILY_UNAVAILABLE", "cannot create registered model 'tiny'.*TEMPORARILY_UNAVAILABLE"),
-])
-def test_registration_tolerates_only_an_existing_model(repo: Path, monkeypatch: pytest.MonkeyPatch, code: str,
-                                                       raised: str | None) -> None:
+@pytest.mark.parametrize(
+    "code,raised",
+    [
+        ("RESOURCE_ALREADY_EXISTS", None),  # a second registration of the same name: fine
+        ("PERMISSION_DENIED", "cannot create registered model 'tiny'.*PERMISSION_DENIED.*credentials"),
+        ("TEMPORARILY_UNAVAILABLE", "cannot create registered model 'tiny'.*TEMPORARILY_UNAVAILABLE"),
+    ],
+)
+def test_registration_tolerates_only_an_existing_model(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, code: str, raised: str | None
+) -> None:
     """An authentication or connection error while creating the registered model stops the stage."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos import databricks_pb2
@@ -193,15 +209,33 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
     # The inference command prints the top classes of each image file.
     Image.fromarray(images[0]).save("a.png")
     Image.fromarray(np.zeros((40, 24), dtype=np.uint8)).save("gray-and-larger.png")
-    proc = subprocess.run([sys.executable, "-m", "resnet.predict", "--model", "models:/tiny@champion", "--top-k", "2",
-                           "a.png", "gray-and-larger.png"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resnet.predict",
+            "--model",
+            "models:/tiny@champion",
+            "--top-k",
+            "2",
+            "a.png",
+            "gray-and-larger.png",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("a.png: " + CLASSES[int(expected[0].argmax())])
     assert lines[1].startswith("gray-and-larger.png: ") and lines[1].count(",") == 1
 
-    proc = subprocess.run([sys.executable, "-m", "resnet.predict", "--model", "models:/nope@champion", "a.png"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet.predict", "--model", "models:/nope@champion", "a.png"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "nope" in proc.stderr
 
 
@@ -243,8 +277,9 @@ def _training_time_probs(model: torch.nn.Module, images: np.ndarray, meta: dict)
     probs = []
     with torch.inference_mode():
         for i in range(len(images)):
-            (x, _), = DeviceLoader(images[i:i + 1], np.zeros(1, dtype=np.int64), 1, mean=meta["mean"],
-                                   std=meta["std"])
+            ((x, _),) = DeviceLoader(
+                images[i : i + 1], np.zeros(1, dtype=np.int64), 1, mean=meta["mean"], std=meta["std"]
+            )
             probs.append(torch.softmax(model(x), dim=1).numpy()[0])
     return np.array(probs, dtype=np.float64)
 
@@ -254,20 +289,32 @@ def test_pyfunc_takes_any_size_and_grayscale_exactly_as_training_does(repo: Path
     """A 64x64 RGB image and a grayscale one, 16x16 training images: the logged model, `resnet.predict`
     and the split stage + training normalisation give the same probabilities, bit for bit."""
     files = _image_folder_for_inference(repo / "folder")
-    dparams = data_params(dataset="imagefolder", source=str(repo / "folder"), image_size=16, channels=channels,
-                          val_fraction=0.34)
+    dparams = data_params(
+        dataset="imagefolder", source=str(repo / "folder"), image_size=16, channels=channels, val_fraction=0.34
+    )
     download(dparams, repo / "raw")
     meta = prepare(repo / "raw", repo / "prepared", dparams)
     split_pixels, _ = load_split(repo / "prepared", "test")  # the two test files, as training sees them
     assert split_pixels.shape == (2, 16, 16, channels)
     model = _train_tiny(repo / "prepared", meta, channels)
     expected = _training_time_probs(model, split_pixels, meta)
-    save_checkpoint(Path("models/best.pt"), {
-        "arch": {"name": "resnet20", "num_classes": len(CLASSES), "in_channels": channels,
-                 "options": {"width_multiplier": 0.25}},
-        "model": model.state_dict(), "classes": meta["classes"], "mean": meta["mean"], "std": meta["std"],
-        "image_size": meta["image_size"], "epoch": 1,
-    })
+    save_checkpoint(
+        Path("models/best.pt"),
+        {
+            "arch": {
+                "name": "resnet20",
+                "num_classes": len(CLASSES),
+                "in_channels": channels,
+                "options": {"width_multiplier": 0.25},
+            },
+            "model": model.state_dict(),
+            "classes": meta["classes"],
+            "mean": meta["mean"],
+            "std": meta["std"],
+            "image_size": meta["image_size"],
+            "epoch": 1,
+        },
+    )
     params = repo_params()
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
@@ -279,7 +326,7 @@ def test_pyfunc_takes_any_size_and_grayscale_exactly_as_training_does(repo: Path
     gray = np.asarray(Image.open(files[1]))[None, ..., None]  # (1, 40, 24, 1)
     for i, images in enumerate((rgb, gray)):
         out = loaded.predict(images)
-        np.testing.assert_array_equal(out.filter(like="prob_").to_numpy(), expected[i:i + 1])
+        np.testing.assert_array_equal(out.filter(like="prob_").to_numpy(), expected[i : i + 1])
         assert out["label"].tolist() == [CLASSES[int(expected[i].argmax())]]
     # resnet.predict reads the files and lets the model resize, then convert, as the split stage did.
     table = predict.predict_files(loaded, files)

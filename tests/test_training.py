@@ -53,9 +53,16 @@ STAGE = ROOT / "stages" / "train.py"
 TINY_MODEL = {"name": "resnet20", "width_multiplier": 0.25}
 #: The tests' changes to params.yaml's recipe: tiny batches, no augmentation, no label smoothing, one thread,
 #: and NCHW (the tiny model's 4- and 8-channel 1x1 stride-2 convolutions refuse channels_last on CPU).
-TEST_RECIPE = {"epochs": 2, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "num_threads": 1,
-               "label_smoothing": 0.0, "channels_last": False,
-               "augment": {"crop_padding": 0, "flip": False, "cutout": 0}}
+TEST_RECIPE = {
+    "epochs": 2,
+    "batch_size": 32,
+    "lr": 0.05,
+    "schedule": "cosine",
+    "num_threads": 1,
+    "label_smoothing": 0.0,
+    "channels_last": False,
+    "augment": {"crop_padding": 0, "flip": False, "cutout": 0},
+}
 CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
@@ -79,37 +86,55 @@ def quadrant_task(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np
     h = size // 2
     for i, c in enumerate(labels):
         r, col = divmod(int(c), 2)
-        images[i, r * h:(r + 1) * h, col * h:(col + 1) * h] += 150
+        images[i, r * h : (r + 1) * h, col * h : (col + 1) * h] += 150
     return images, labels.astype(np.int64)
 
 
 def make_meta(size: int = 16, counts: dict | None = None) -> dict[str, Any]:
-    return {"classes": CLASSES, "mean": [0.33, 0.33, 0.33], "std": [0.3, 0.3, 0.3], "image_size": [size, size],
-            "channels": 3, "counts": counts or {"train": 128, "val": 64}, "source": "synthetic",
-            "source_sha256": "0" * 64}
+    return {
+        "classes": CLASSES,
+        "mean": [0.33, 0.33, 0.33],
+        "std": [0.3, 0.3, 0.3],
+        "image_size": [size, size],
+        "channels": 3,
+        "counts": counts or {"train": 128, "val": 64},
+        "source": "synthetic",
+        "source_sha256": "0" * 64,
+    }
 
 
 def make_params(model: dict | None = None, **train: Any) -> Params:
     """params.yaml with a tiny model (or `model`'s keys) and TEST_RECIPE, which `train` changes further."""
-    return repo_params({**section_changes("model", model or TINY_MODEL),
-                        **section_changes("train", {**TEST_RECIPE, **train})})
+    return repo_params(
+        {**section_changes("model", model or TINY_MODEL), **section_changes("train", {**TEST_RECIPE, **train})}
+    )
 
 
-def make_loaders(params: Params, meta: dict, n_train: int = 128, n_val: int = 64, size: int = 16,
-                 std: list[float] | None = None, device: str = "cpu") -> tuple[DeviceLoader, DeviceLoader]:
+def make_loaders(
+    params: Params,
+    meta: dict,
+    n_train: int = 128,
+    n_val: int = 64,
+    size: int = 16,
+    std: list[float] | None = None,
+    device: str = "cpu",
+) -> tuple[DeviceLoader, DeviceLoader]:
     tp = params.train
     norm = {"mean": meta["mean"], "std": std or meta["std"], "channels_last": tp.channels_last, "device": device}
-    train = DeviceLoader(*quadrant_task(n_train, size, seed=1), tp.batch_size, train=True, augment=tp.augment,
-                         seed=tp.seed, **norm)
+    train = DeviceLoader(
+        *quadrant_task(n_train, size, seed=1), tp.batch_size, train=True, augment=tp.augment, seed=tp.seed, **norm
+    )
     val = DeviceLoader(*quadrant_task(n_val, size, seed=2), 64, **norm)
     return train, val
 
 
 def interrupt_after(n: int):
     """An on_epoch callback that plays Ctrl-C after epoch n."""
+
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch == n:
             raise KeyboardInterrupt
+
     return on_epoch
 
 
@@ -121,8 +146,9 @@ def load_stage_module(name: str = "train"):
     return module
 
 
-def write_stage_inputs(root: Path, train: dict, n_train: int = 128, n_val: int = 64, size: int = 16,
-                       changes: dict | None = None) -> None:
+def write_stage_inputs(
+    root: Path, train: dict, n_train: int = 128, n_val: int = 64, size: int = 16, changes: dict | None = None
+) -> None:
     """params.yaml and data/prepared/ as the split stage writes them.
 
     params.yaml is the tests' tiny CPU recipe with the dotted `changes` (validated), then
@@ -134,8 +160,7 @@ def write_stage_inputs(root: Path, train: dict, n_train: int = 128, n_val: int =
         images, labels = quadrant_task(n, size, seed)
         np.savez(prepared / f"{split}.npz", images=images, labels=labels)
     (root / paths.META).write_text(json.dumps(make_meta(size, {"train": n_train, "val": n_val})))
-    params = override(make_params(device="cpu", augment={"crop_padding": 2, "flip": True, "cutout": 0}),
-                      changes or {})
+    params = override(make_params(device="cpu", augment={"crop_padding": 2, "flip": True, "cutout": 0}), changes or {})
     raw = dataclasses.asdict(params)
     raw["train"].update(train)
     (root / paths.PARAMS).write_text(yaml.safe_dump(raw))
@@ -149,8 +174,7 @@ def test_fit_learns_the_quadrant_task(tmp_path: Path) -> None:
     meta = make_meta()
     train, val = make_loaders(params, meta, n_train=256)
     seen: list[tuple[int, dict]] = []
-    result = fit(params, meta, train, val, tmp_path, extra={"run_id": "abc"},
-                 on_epoch=lambda e, m: seen.append((e, m)))
+    result = fit(params, meta, train, val, tmp_path, extra={"run_id": "abc"}, on_epoch=lambda e, m: seen.append((e, m)))
 
     assert result.best_metric > 0.6  # chance is 0.25
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -163,8 +187,12 @@ def test_fit_learns_the_quadrant_task(tmp_path: Path) -> None:
     last = load_checkpoint(tmp_path / "last.pt")
     assert best["epoch"] == result.best_epoch and last["epoch"] == 3
     assert last["extra"] == {"run_id": "abc"} and last["classes"] == CLASSES
-    assert last["arch"] == {"name": "resnet20", "num_classes": 4, "in_channels": 3,
-                            "options": params.model.build_options()}
+    assert last["arch"] == {
+        "name": "resnet20",
+        "num_classes": 4,
+        "in_channels": 3,
+        "options": params.model.build_options(),
+    }
     assert last["params"] == dataclasses.asdict(params) and len(last["history"]) == 3
     model = model_from_checkpoint(last)
     for k, v in result.model.state_dict().items():
@@ -196,8 +224,7 @@ def test_cosine_warms_up_from_a_tenth_then_decays_to_near_zero() -> None:
 
 
 def test_multistep_drops_by_gamma_at_each_milestone() -> None:
-    lrs = lr_curve(make_params(epochs=4, lr=0.1, schedule="multistep", milestones=[2, 3], gamma=0.1),
-                   steps_per_epoch=5)
+    lrs = lr_curve(make_params(epochs=4, lr=0.1, schedule="multistep", milestones=[2, 3], gamma=0.1), steps_per_epoch=5)
     assert lrs[:10] == pytest.approx([0.1] * 10)
     assert lrs[10:15] == pytest.approx([0.01] * 5)
     assert lrs[15:] == pytest.approx([0.001] * 5)
@@ -217,8 +244,10 @@ def test_onecycle_peaks_at_lr() -> None:
     assert lrs[0] == pytest.approx(0.4 / 25) and lrs[-1] < 0.4 * 1e-3
 
 
-@pytest.mark.parametrize("schedule,extra", [("onecycle", {}), ("cosine", {"warmup_epochs": 1}),
-                                            ("multistep", {"milestones": [2]}), ("constant", {})])
+@pytest.mark.parametrize(
+    "schedule,extra",
+    [("onecycle", {}), ("cosine", {"warmup_epochs": 1}), ("multistep", {"milestones": [2]}), ("constant", {})],
+)
 def test_schedule_state_resumes_exactly_through_weights_only_load(tmp_path: Path, schedule: str, extra: dict) -> None:
     tp = make_params(epochs=3, lr=0.1, schedule=schedule, **extra).train
     whole = lr_curve(make_params(epochs=3, lr=0.1, schedule=schedule, **extra), steps_per_epoch=8)
@@ -273,14 +302,26 @@ def test_weight_decay_skips_norm_and_bias_when_asked(no_decay: bool) -> None:
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
-    params = make_params(epochs=3, schedule="cosine", warmup_epochs=1, label_smoothing=0.1, grad_clip=2.0,
-                         augment={"crop_padding": 2, "flip": True, "cutout": 4})
+    params = make_params(
+        epochs=3,
+        schedule="cosine",
+        warmup_epochs=1,
+        label_smoothing=0.1,
+        grad_clip=2.0,
+        augment={"crop_padding": 2, "flip": True, "cutout": 4},
+    )
     meta = make_meta()
     whole = fit(params, meta, *make_loaders(params, meta), tmp_path / "a")
 
     with pytest.raises(KeyboardInterrupt):
-        fit(params, meta, *make_loaders(params, meta), tmp_path / "b", extra={"run_id": "r1"},
-            on_epoch=interrupt_after(1))
+        fit(
+            params,
+            meta,
+            *make_loaders(params, meta),
+            tmp_path / "b",
+            extra={"run_id": "r1"},
+            on_epoch=interrupt_after(1),
+        )
     resume = find_resume_checkpoint(params, meta, tmp_path / "b")
     assert resume is not None and resume["epoch"] == 1 and resume["extra"] == {"run_id": "r1"}
     torch.manual_seed(1234)  # a new process starts with other RNG states; the checkpoint restores them
@@ -291,8 +332,10 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path: Pat
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming"
+
     def drop_time(history: list[dict]) -> list[dict]:
         return [{k: v for k, v in m.items() if k not in ("images_per_sec", "epoch_seconds")} for m in history]
+
     assert drop_time(whole.history) == drop_time(resumed.history)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["extra"] == {"run_id": "r1"}
 
@@ -352,8 +395,9 @@ def test_killed_stage_resumes_from_last_pt(tmp_path: Path) -> None:
     epochs = 40  # ~0.1 s each: a wide window to kill it in
     write_stage_inputs(tmp_path, {"epochs": epochs})
     env = {**os.environ, "RESNET_NO_PROGRESS": "1"}
-    proc = subprocess.Popen(_stage_command(), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _stage_command(), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     last, killed_at = tmp_path / "models" / "last.pt", None
     deadline = time.monotonic() + 120
     try:
@@ -414,9 +458,11 @@ def test_train_loop_does_not_sync_every_step(monkeypatch: pytest.MonkeyPatch) ->
         def counting(self, *args, _original=original, **kwargs):
             reads["n"] += 1
             return _original(self, *args, **kwargs)
+
         monkeypatch.setattr(torch.Tensor, name, counting)
-    out = train_one_epoch(model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                          nn.CrossEntropyLoss(), grad_clip=1.0)
+    out = train_one_epoch(
+        model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), grad_clip=1.0
+    )
     monkeypatch.undo()
     assert len(loader) == 60 and out["images"] == 240
     assert reads["n"] <= 6, f"{reads['n']} host reads in 60 steps"
@@ -434,7 +480,7 @@ def test_early_stopping_stops_when_patience_runs_out(tmp_path: Path) -> None:
     assert calls == list(range(1, result.epochs_completed + 1))
     assert result.best_epoch == result.epochs_completed - 2
     best = result.history[result.best_epoch - 1]["val_accuracy"]
-    assert all(h["val_accuracy"] <= best for h in result.history[result.best_epoch:])
+    assert all(h["val_accuracy"] <= best for h in result.history[result.best_epoch :])
     assert load_checkpoint(tmp_path / "last.pt")["stopped_early"]
     assert find_resume_checkpoint(params, meta, tmp_path) is None  # a stopped run is finished
 
@@ -452,8 +498,11 @@ def test_training_has_no_evaluation_of_its_own() -> None:
     """fit validates with resnet.evaluation.evaluate, the function the validate stage runs."""
     assert training.evaluate is evaluation.evaluate
     for module in (training, resume, optim, runtime):
-        defined = [n.name for n in ast.walk(ast.parse(inspect.getsource(module)))
-                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "evaluat" in n.name]
+        defined = [
+            n.name
+            for n in ast.walk(ast.parse(inspect.getsource(module)))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "evaluat" in n.name
+        ]
         assert not defined, f"{module.__name__} defines its own evaluation: {defined}"
 
 
@@ -489,10 +538,19 @@ def test_configure_torch_leaves_process_wide_memory_settings_alone(monkeypatch: 
 
 
 def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
-    history = [{"epoch": 1, "train_loss": 1.5, "train_accuracy": 0.25}, {"epoch": 2, "train_loss": 1.25,
-               "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.625}]
-    state = TrainState(epoch=2, history=history, best_metric=0.625, best_epoch=2, bad_evals=0, stopped_early=False,
-                       extra={"run_id": "r1"})
+    history = [
+        {"epoch": 1, "train_loss": 1.5, "train_accuracy": 0.25},
+        {"epoch": 2, "train_loss": 1.25, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.625},
+    ]
+    state = TrainState(
+        epoch=2,
+        history=history,
+        best_metric=0.625,
+        best_epoch=2,
+        bad_evals=0,
+        stopped_early=False,
+        extra={"run_id": "r1"},
+    )
     torch.save(state.to_checkpoint(), tmp_path / "state.pt")
     assert TrainState.from_checkpoint(torch.load(tmp_path / "state.pt", weights_only=True)) == state
     assert set(state.to_checkpoint()) <= set(resume.RESUME_KEYS)  # find_resume_checkpoint asks for all of it
@@ -551,8 +609,11 @@ def test_finetune_from_torchvision_state_dict_with_frozen_backbone(tmp_path: Pat
 def test_channels_last_and_grad_clip_paths_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clipped: list[float] = []
     original = nn.utils.clip_grad_norm_
-    monkeypatch.setattr(nn.utils, "clip_grad_norm_",
-                        lambda params, max_norm, **kw: clipped.append(max_norm) or original(params, max_norm, **kw))
+    monkeypatch.setattr(
+        nn.utils,
+        "clip_grad_norm_",
+        lambda params, max_norm, **kw: clipped.append(max_norm) or original(params, max_norm, **kw),
+    )
     # Shortcut A: no 1x1 stride-2 convolution, which oneDNN mishandles in NHWC at this width (below).
     params = make_params(model={**TINY_MODEL, "shortcut": "A"}, epochs=1, channels_last=True, grad_clip=0.5)
     meta = make_meta()
@@ -703,8 +764,9 @@ def test_freed_activation_blocks_stay_in_a_bounded_heap_for_reuse_once_memory_is
     # layout after `import torch`, which differs between machines (a few more warm-up steps
     # grow the heap on some), while where the block lives and that the heap stops growing do not.
     def heap_steps(mode: str) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-c", GLIBC_HEAP_PER_STEP, mode], capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", GLIBC_HEAP_PER_STEP, mode], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.splitlines()[-1])
 

@@ -72,11 +72,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     required = ("version", "arch", "model", "classes", "mean", "std")
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (missing {missing}); "
-                              "rerun training (dvc repro train) to write one")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (missing {missing}); "
+            "rerun training (dvc repro train) to write one"
+        )
     if ckpt["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}; this package reads up to "
-                              f"{CHECKPOINT_VERSION}: update the package, or retrain with this one")
+        raise CheckpointError(
+            f"{path} has checkpoint version {ckpt['version']}; this package reads up to "
+            f"{CHECKPOINT_VERSION}: update the package, or retrain with this one"
+        )
     return ckpt
 
 
@@ -113,8 +117,12 @@ def load_pretrained(model: ResNet, path: str | Path, freeze_backbone: bool = Fal
             f"(first: {missing_backbone[0]}); check model.name, model.stem and model.width_multiplier"
         )
     model.load_state_dict(loadable, strict=False)
-    log.info("loaded %d tensors from %s%s", len(loadable), path,
-             f"; kept a fresh classifier ({', '.join(skipped)})" if skipped else "")
+    log.info(
+        "loaded %d tensors from %s%s",
+        len(loadable),
+        path,
+        f"; kept a fresh classifier ({', '.join(skipped)})" if skipped else "",
+    )
 
     if freeze_backbone:
         for name, p in model.named_parameters():

@@ -49,8 +49,15 @@ class ConfigError(PipelineError, ValueError):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 
-def _opt(*, choices: tuple | None = None, ge: float | None = None, gt: float | None = None,
-         le: float | None = None, lt: float | None = None, help: str = "") -> Any:
+def _opt(
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    help: str = "",
+) -> Any:
     """A required field with its validation rules in metadata (the value comes from params.yaml)."""
     return field(metadata={"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help})
 
@@ -258,8 +265,12 @@ def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {shown}")
     if value is None or isinstance(value, (str, list, bool)):
         return
-    tests = {"ge": (">=", lambda b: value >= b), "gt": (">", lambda b: value > b),
-             "le": ("<=", lambda b: value <= b), "lt": ("<", lambda b: value < b)}
+    tests = {
+        "ge": (">=", lambda b: value >= b),
+        "gt": (">", lambda b: value > b),
+        "le": ("<=", lambda b: value <= b),
+        "lt": ("<", lambda b: value < b),
+    }
     if all(meta.get(rule) is None or ok(meta[rule]) for rule, (_, ok) in tests.items()):
         return
     bounds = " and ".join(f"{sym} {meta[rule]}" for rule, (sym, _) in tests.items() if meta.get(rule) is not None)
@@ -280,8 +291,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         # params.yaml is the one source of the recipe: a key that is gone must not fall back to anything.
         key = f"{prefix}.{missing[0]}" if prefix else missing[0]
         more = f" (also missing: {missing[1:]})" if missing[1:] else ""
-        raise ConfigError(f"{key}: missing from params.yaml{more}; add it back (`git show HEAD:params.yaml` "
-                          "has every key)")
+        raise ConfigError(
+            f"{key}: missing from params.yaml{more}; add it back (`git show HEAD:params.yaml` has every key)"
+        )
     hints = get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -301,13 +313,16 @@ def _check_schedule(t: TrainParams) -> None:
                 f"1..train.epochs ({t.epochs}) when train.schedule is multistep"
             )
     elif t.milestones:
-        raise ConfigError(f"train.milestones: {t.milestones!r} only applies to train.schedule multistep "
-                          f"(it is {t.schedule!r}); set milestones: [] or schedule: multistep")
+        raise ConfigError(
+            f"train.milestones: {t.milestones!r} only applies to train.schedule multistep "
+            f"(it is {t.schedule!r}); set milestones: [] or schedule: multistep"
+        )
     if t.warmup_epochs >= t.epochs:
         raise ConfigError(f"train.warmup_epochs: {t.warmup_epochs} must be below train.epochs ({t.epochs})")
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
-        raise ConfigError("train.nesterov: true needs train.momentum > 0 (it is 0.0); set a momentum such as 0.9, "
-                          "or nesterov: false")
+        raise ConfigError(
+            "train.nesterov: true needs train.momentum > 0 (it is 0.0); set a momentum such as 0.9, or nesterov: false"
+        )
 
 
 def _check_device(t: TrainParams) -> str:
@@ -328,13 +343,17 @@ def _check_model(p: Params) -> None:
     m = p.model
     family = ARCHITECTURES[m.name].family
     if family == "cifar" and m.stem not in (None, "cifar"):
-        raise ConfigError(f"model.stem: {m.stem!r} does not apply to {m.name}, a CIFAR-family model with a fixed "
-                          "3x3 stem; set model.stem: null (stems are for resnet18/34/50/101/152)")
+        raise ConfigError(
+            f"model.stem: {m.stem!r} does not apply to {m.name}, a CIFAR-family model with a fixed "
+            "3x3 stem; set model.stem: null (stems are for resnet18/34/50/101/152)"
+        )
     if m.freeze_backbone and not m.pretrained:
         raise ConfigError("model.freeze_backbone: true needs model.pretrained (a checkpoint path) to start from")
     if m.pretrained and not Path(m.pretrained).is_file():
-        raise ConfigError(f"model.pretrained: {m.pretrained!r} is not a file; give the path of a checkpoint "
-                          "(ours or a torchvision ResNet state dict), or null to train from scratch")
+        raise ConfigError(
+            f"model.pretrained: {m.pretrained!r} is not a file; give the path of a checkpoint "
+            "(ours or a torchvision ResNet state dict), or null to train from scratch"
+        )
     try:
         with torch.device("meta"):
             model = build_model(m.name, 10, p.data.channels, **m.build_options())
@@ -359,16 +378,19 @@ def _check_cross_field(p: Params) -> None:
     _check_schedule(p.train)
     _check_device(p.train)
     _check_model(p)
-    if p.data.sha256 is not None and (len(p.data.sha256) != 64 or
-                                      any(c not in "0123456789abcdef" for c in p.data.sha256.lower())):
+    if p.data.sha256 is not None and (
+        len(p.data.sha256) != 64 or any(c not in "0123456789abcdef" for c in p.data.sha256.lower())
+    ):
         raise ConfigError(f"data.sha256: {p.data.sha256!r} is not a 64-character hex sha256 digest")
 
 
 def parse_params(raw: Any) -> Params:
     """Validate a parsed params mapping (as read from YAML) into :class:`Params`."""
     if raw is None:
-        raise ConfigError("params.yaml is empty; it must hold every section (data, model, train, validate, "
-                          "evaluate, register, tracking): restore it, e.g. `git checkout params.yaml`")
+        raise ConfigError(
+            "params.yaml is empty; it must hold every section (data, model, train, validate, "
+            "evaluate, register, tracking): restore it, e.g. `git checkout params.yaml`"
+        )
     params = _build(Params, raw, "")
     _check_cross_field(params)
     return params

@@ -102,7 +102,7 @@ def per_class_metrics(cm: Any) -> dict[str, np.ndarray]:
         raise ValueError(f"a confusion matrix must be square, got shape {cm.shape}")
     tp = np.diag(cm).astype(np.float64)
     predicted = cm.sum(axis=0).astype(np.float64)  # column sums: tp + fp
-    actual = cm.sum(axis=1)                         # row sums: tp + fn = support
+    actual = cm.sum(axis=1)  # row sums: tp + fn = support
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
@@ -132,20 +132,20 @@ class EvalResult:
     class equally, including classes absent from the split (they count as 0.0).
     """
 
-    loss: float                                 # mean cross-entropy
+    loss: float  # mean cross-entropy
     accuracy: float
     top5_accuracy: float
     topk: int
-    confusion: np.ndarray                       # (C, C) int64, rows = actual, cols = predicted
-    precision: np.ndarray                       # (C,)
-    recall: np.ndarray                          # (C,)
-    f1: np.ndarray                              # (C,)
-    support: np.ndarray                         # (C,) int64, images per actual class
-    labels: np.ndarray                          # (N,) actual class per image, loader order
-    predictions: np.ndarray                     # (N,) predicted class per image
-    confidences: np.ndarray                     # (N,) softmax probability of the predicted class
-    misclassified_indices: np.ndarray           # (M,) image indices where prediction != label
-    misclassified_probabilities: np.ndarray     # (M, C) full softmax rows of those images
+    confusion: np.ndarray  # (C, C) int64, rows = actual, cols = predicted
+    precision: np.ndarray  # (C,)
+    recall: np.ndarray  # (C,)
+    f1: np.ndarray  # (C,)
+    support: np.ndarray  # (C,) int64, images per actual class
+    labels: np.ndarray  # (N,) actual class per image, loader order
+    predictions: np.ndarray  # (N,) predicted class per image
+    confidences: np.ndarray  # (N,) softmax probability of the predicted class
+    misclassified_indices: np.ndarray  # (M,) image indices where prediction != label
+    misclassified_probabilities: np.ndarray  # (M, C) full softmax rows of those images
 
     @property
     def num_images(self) -> int:
@@ -198,14 +198,16 @@ class EvalResult:
         A class's accuracy (the share of its images classified correctly) is its recall.
         """
         self._check_classes(classes)
-        return pd.DataFrame({
-            "class": list(classes),
-            "precision": self.precision,
-            "recall": self.recall,
-            "f1": self.f1,
-            "support": self.support,
-            "accuracy": self.recall,
-        })
+        return pd.DataFrame(
+            {
+                "class": list(classes),
+                "precision": self.precision,
+                "recall": self.recall,
+                "f1": self.f1,
+                "support": self.support,
+                "accuracy": self.recall,
+            }
+        )
 
     def _check_classes(self, classes: Sequence[str]) -> None:
         if len(classes) != self.num_classes:
@@ -357,8 +359,12 @@ def load_model_for_data(
         )
     trained_size = ckpt.get("image_size")
     if image_size is not None and trained_size is not None and list(trained_size) != list(image_size):
-        log.warning("checkpoint %s was trained on %s images, the data is %s; evaluating anyway",
-                    path, list(trained_size), list(image_size))
+        log.warning(
+            "checkpoint %s was trained on %s images, the data is %s; evaluating anyway",
+            path,
+            list(trained_size),
+            list(image_size),
+        )
     try:
         model = model_from_checkpoint(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -385,9 +391,14 @@ class SplitEvaluation:
         Per-class numbers go to the per-class CSV rather than here: nested in the JSON
         they would become one ``dvc metrics show`` column per class and metric.
         """
-        return {**self.result.flat_metrics(prefix), "checkpoint": str(self.checkpoint), "epoch": self.epoch,
-                "num_images": self.result.num_images, "num_classes": self.result.num_classes,
-                "topk": self.result.topk}
+        return {
+            **self.result.flat_metrics(prefix),
+            "checkpoint": str(self.checkpoint),
+            "epoch": self.epoch,
+            "num_images": self.result.num_images,
+            "num_classes": self.result.num_classes,
+            "topk": self.result.topk,
+        }
 
 
 def trained_with(ckpt: dict[str, Any], device: torch.device) -> tuple[str, bool]:
@@ -399,8 +410,9 @@ def trained_with(ckpt: dict[str, Any], device: torch.device) -> tuple[str, bool]
     return resolve_precision(train.get("precision", "fp32"), device), bool(train.get("channels_last", False))
 
 
-def evaluate_checkpoint(which: str, split: str, batch_size: int, *, device: torch.device,
-                        data_dir: str | Path = PREPARED) -> SplitEvaluation:
+def evaluate_checkpoint(
+    which: str, split: str, batch_size: int, *, device: torch.device, data_dir: str | Path = PREPARED
+) -> SplitEvaluation:
     """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised, and computed, as in training.
 
     The precision and memory format are those the training run validated in (:func:`trained_with`),
@@ -417,25 +429,44 @@ def evaluate_checkpoint(which: str, split: str, batch_size: int, *, device: torc
     meta = load_meta(data_dir)
     try:
         classes = list(meta["classes"])
-        model, ckpt = load_model_for_data(checkpoint, classes, channels=meta.get("channels"),
-                                          image_size=meta.get("image_size"),
-                                          data_source=str(data_dir / "meta.json"))
+        model, ckpt = load_model_for_data(
+            checkpoint,
+            classes,
+            channels=meta.get("channels"),
+            image_size=meta.get("image_size"),
+            data_source=str(data_dir / "meta.json"),
+        )
         images, labels = load_split(data_dir, split)
         precision, channels_last = trained_with(ckpt, torch.device(device))
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         # The checkpoint's statistics, not recomputed ones: exactly what the model saw in training.
-        loader = DeviceLoader(images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device,
-                              channels_last=channels_last)
+        loader = DeviceLoader(
+            images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device, channels_last=channels_last
+        )
     except (KeyError, ValueError) as e:
         if isinstance(e, EvaluationError):
             raise
         raise EvaluationError(f"cannot evaluate {checkpoint} on {data_dir}/{split}: {e}") from e
-    log.info("evaluating %s (epoch %s) on %d %s images on %s, precision %s", checkpoint, ckpt.get("epoch"),
-             len(labels), split, device, precision)
+    log.info(
+        "evaluating %s (epoch %s) on %d %s images on %s, precision %s",
+        checkpoint,
+        ckpt.get("epoch"),
+        len(labels),
+        split,
+        device,
+        precision,
+    )
     result = evaluate(model, loader, len(classes), device=device, precision=precision)
-    log.info("%s: loss %.4f, accuracy %.4f, top-%d %.4f, macro F1 %.4f", split, result.loss, result.accuracy,
-             result.topk, result.top5_accuracy, result.macro_f1)
+    log.info(
+        "%s: loss %.4f, accuracy %.4f, top-%d %.4f, macro F1 %.4f",
+        split,
+        result.loss,
+        result.accuracy,
+        result.topk,
+        result.top5_accuracy,
+        result.macro_f1,
+    )
     return SplitEvaluation(result, checkpoint, ckpt.get("epoch"), classes, images)
 
 

@@ -360,9 +360,15 @@ def narrow_strided_convs(model: nn.Module, min_channels: int = 16) -> list[tuple
     Narrow models (width_multiplier < 1 with shortcut B) have them; params validation refuses
     channels_last and torch.compile on CPU for those.
     """
-    return [(name, m.in_channels) for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
-            and m.in_channels < min_channels and m.weight.requires_grad]
+    return [
+        (name, m.in_channels)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and max(m.stride) > 1
+        and m.in_channels < min_channels
+        and m.weight.requires_grad
+    ]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

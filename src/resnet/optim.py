@@ -70,8 +70,9 @@ def lr_factor(step: int, tp: TrainParams, steps_per_epoch: int) -> float:
     raise ConfigError(f"train.schedule: {tp.schedule!r} has no lr factor; choose cosine, multistep or constant")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, tp: TrainParams, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-batch schedule whose state_dict resumes exactly (numbers only, no pickled code).
 
     onecycle is torch's OneCycleLR peaking at train.lr; its warm-up fraction is
@@ -81,7 +82,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams,
     if tp.schedule == "onecycle":
         pct_start = tp.warmup_epochs / tp.epochs if tp.warmup_epochs > 0 else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=tp.lr, total_steps=tp.epochs * steps_per_epoch, pct_start=pct_start,
+            optimizer,
+            max_lr=tp.lr,
+            total_steps=tp.epochs * steps_per_epoch,
+            pct_start=pct_start,
             cycle_momentum=False,
         )
     # A closure, not a callable object: LambdaLR then stores nothing for it in its state_dict.

@@ -71,9 +71,14 @@ def plot_confusion_matrix(path: str | Path, cm: np.ndarray, classes: Sequence[st
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the actual class")
     small = 8 if n <= 20 else 6
-    ax.set_xticks(range(n), labels=list(classes), rotation=45 if n <= 20 else 90,
-                  ha="right" if n <= 20 else "center", rotation_mode="anchor" if n <= 20 else "default",
-                  fontsize=small)
+    ax.set_xticks(
+        range(n),
+        labels=list(classes),
+        rotation=45 if n <= 20 else 90,
+        ha="right" if n <= 20 else "center",
+        rotation_mode="anchor" if n <= 20 else "default",
+        fontsize=small,
+    )
     ax.set_yticks(range(n), labels=list(classes), fontsize=small)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
@@ -81,8 +86,15 @@ def plot_confusion_matrix(path: str | Path, cm: np.ndarray, classes: Sequence[st
     if n <= MAX_ANNOTATED_CLASSES:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=small,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=small,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     _save_png(fig, path)
 
 
@@ -114,18 +126,26 @@ def plot_misclassified(
         fig = _new_figure(5.0, 2.0)
         ax = fig.add_subplot()
         ax.axis("off")
-        reason = ("no misclassified images" if len(wrong) == 0
-                  else f"{len(wrong)} misclassified images; evaluate.misclassified_examples is 0")
-        ax.text(0.5, 0.5, f"{reason}\n({result.num_images} images, accuracy {result.accuracy:.2%})",
-                ha="center", va="center", fontsize=11)
+        reason = (
+            "no misclassified images"
+            if len(wrong) == 0
+            else f"{len(wrong)} misclassified images; evaluate.misclassified_examples is 0"
+        )
+        ax.text(
+            0.5,
+            0.5,
+            f"{reason}\n({result.num_images} images, accuracy {result.accuracy:.2%})",
+            ha="center",
+            va="center",
+            fontsize=11,
+        )
         _save_png(fig, path)
         return
 
     cols = math.ceil(math.sqrt(len(shown)))
     rows = math.ceil(len(shown) / cols)
     fig = _new_figure(1.9 * cols, 2.0 * rows + 0.5)
-    fig.suptitle(f"{len(wrong)} of {result.num_images} images misclassified; "
-                 f"the {len(shown)} most confident mistakes")
+    fig.suptitle(f"{len(wrong)} of {result.num_images} images misclassified; the {len(shown)} most confident mistakes")
     for tile, idx in enumerate(shown):
         ax = fig.add_subplot(rows, cols, tile + 1)
         img = images[idx]

@@ -71,7 +71,8 @@ def _check_image(image: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
         raise ImageError(
             f"expected a uint8 image (H, W, C) with C = 1 (grayscale) or 3 (RGB), got {image.dtype} {image.shape}; "
-            f"drop an alpha channel (image[..., :3]) and convert other types to uint8 0..255")
+            f"drop an alpha channel (image[..., :3]) and convert other types to uint8 0..255"
+        )
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -125,7 +126,8 @@ def batch_pixels(images: np.ndarray | Sequence[np.ndarray], size: Size, channels
         if images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] not in (1, 3)):
             raise ImageError(
                 f"expected uint8 images (N, H, W, C) with C = 1 (grayscale) or 3 (RGB), got {images.dtype} "
-                f"{images.shape}; drop an alpha channel (images[..., :3]) and convert other types to uint8 0..255")
+                f"{images.shape}; drop an alpha channel (images[..., :3]) and convert other types to uint8 0..255"
+            )
         arr = images[..., None] if images.ndim == 3 else images
         if hw is None or arr.shape[1:3] == hw:
             if arr.shape[3] == channels:

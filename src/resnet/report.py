@@ -218,8 +218,12 @@ def _stale(reasons: Any) -> bool:
     return any(r != ALWAYS_CHANGED for r in reasons) if isinstance(reasons, list) else bool(reasons)
 
 
-def stage_outcomes(status_before: Mapping[str, Any], status_after: Mapping[str, Any],
-                   lock_before: Mapping[str, Any], lock_after: Mapping[str, Any]) -> StageLog:
+def stage_outcomes(
+    status_before: Mapping[str, Any],
+    status_after: Mapping[str, Any],
+    lock_before: Mapping[str, Any],
+    lock_after: Mapping[str, Any],
+) -> StageLog:
     """What DVC did with each stage, from ``dvc status --json`` and the ``stages`` of dvc.lock
     before and after the run.
 
@@ -289,7 +293,7 @@ def _cell(value: Any) -> str:
         text = json.dumps(value)
     else:
         text = str(value)
-    return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else "`\"\"`"
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else '`""`'
 
 
 def _number(value: float, sign: str = "") -> str:
@@ -332,8 +336,7 @@ def format_report(report: Report) -> str:
     else:
         # The command as a user would type it: "dvc", not the venv's full path to it.
         args = run.command[1:]
-        args = [_redact_override(a, report.redact_keys) if i and args[i - 1] == "-S" else a
-                for i, a in enumerate(args)]
+        args = [_redact_override(a, report.redact_keys) if i and args[i - 1] == "-S" else a for i, a in enumerate(args)]
         shown = " ".join(["dvc", *args])
         outcome = "**succeeded**" if run.returncode == 0 else f"**failed** with exit status {run.returncode}"
         lines.append(f"Pipeline: {outcome} (`{shown}`).")
@@ -368,14 +371,28 @@ def format_report(report: Report) -> str:
 
     if report.registered:
         r = report.registered
-        lines += ["### Model registry", "", f"`{r.get('model_name')}` version {r.get('version')} is "
-                                            f"**@{r.get('alias')}**: {r.get('reason')}.", ""]
+        lines += [
+            "### Model registry",
+            "",
+            f"`{r.get('model_name')}` version {r.get('version')} is **@{r.get('alias')}**: {r.get('reason')}.",
+            "",
+        ]
     if report.plots:
         lines += ["### Plots", "", f"`dvc plots diff {report.base}` rendered to `{report.plots}`.", ""]
     if run is not None and run.returncode:
         tail = _scrub("\n".join(run.output.rstrip().splitlines()[-FAILURE_TAIL_LINES:]), _secrets(report))
-        lines += ["### Failure", "", "<details><summary>last lines of the pipeline's output</summary>", "",
-                  "```", tail.replace("```", "'''"), "```", "", "</details>", ""]
+        lines += [
+            "### Failure",
+            "",
+            "<details><summary>last lines of the pipeline's output</summary>",
+            "",
+            "```",
+            tail.replace("```", "'''"),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -400,8 +417,11 @@ def _stage_table(run: RunResult, stage_order: Sequence[str]) -> list[str]:
             what = "not reached" if run.returncode else "not in the run"
         lines.append(f"| {stage} | {what} |")
     if stages.reproduced:
-        lines += ["", "Reproduced: DVC ran the stage or restored its outputs from the run-cache "
-                      "(its machine-readable output does not say which)."]
+        lines += [
+            "",
+            "Reproduced: DVC ran the stage or restored its outputs from the run-cache "
+            "(its machine-readable output does not say which).",
+        ]
     return lines + [""]
 
 
@@ -435,5 +455,3 @@ def _redact_override(override: str, keys: frozenset[str]) -> str:
     key, _, value = override.partition("=")
     bare = _bare_key(key)
     return f"{key}=***" if bare in keys else f"{key}={redact(value)}"
-
-

@@ -78,8 +78,15 @@ class TrainState:
 
 
 #: What a checkpoint needs beyond load_checkpoint's keys to resume training.
-RESUME_KEYS = (*(f.name for f in dataclasses.fields(TrainState)), "optimizer", "scheduler", "scaler", "rng",
-               "fingerprint", "params")
+RESUME_KEYS = (
+    *(f.name for f in dataclasses.fields(TrainState)),
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "fingerprint",
+    "params",
+)
 
 
 def data_identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +112,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
-                  float(np_gauss)],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
         "python": [py_version, list(py_state), py_gauss],
     }
 

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE: Final = "dvc.lock"
 REGISTER_FILE: Final = str(paths.REGISTER_RESULT)
 
+
 class RetrainError(PipelineError):
     """The retrain command cannot start: a bad ref, override or working directory."""
 
@@ -89,8 +90,10 @@ def parse_overrides(values: Iterable[str]) -> list[str]:
     out = []
     for value in values:
         if not _OVERRIDE.match(value):
-            raise RetrainError(f"-S {value!r} is not an override; write it as key=value with the dotted "
-                               f"params.yaml key, e.g. -S train.lr=0.05")
+            raise RetrainError(
+                f"-S {value!r} is not an override; write it as key=value with the dotted "
+                f"params.yaml key, e.g. -S train.lr=0.05"
+            )
         out.append(value)
     return out
 
@@ -113,14 +116,21 @@ def _dvc() -> str:
 def resolve_ref(ref: str, cwd: str | Path = ".") -> str:
     """The commit a git ref names; RetrainError saying how to get it when it is unknown."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=cwd,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RetrainError(f"cannot run git to resolve --base {ref!r}: {e}") from e
     if out.returncode != 0 or not out.stdout.strip():
-        raise RetrainError(f"--base {ref!r} is not a commit in this repository; fetch it first "
-                           f"(git fetch origin {ref.removeprefix('origin/')}; in GitHub Actions check out with "
-                           f"fetch-depth: 0) or pass a branch, tag or commit that exists")
+        raise RetrainError(
+            f"--base {ref!r} is not a commit in this repository; fetch it first "
+            f"(git fetch origin {ref.removeprefix('origin/')}; in GitHub Actions check out with "
+            f"fetch-depth: 0) or pass a branch, tag or commit that exists"
+        )
     return out.stdout.strip()
 
 
@@ -128,23 +138,25 @@ def dvc_json(args: Sequence[str], cwd: str | Path = ".", timeout: float = 600) -
     """What ``dvc ARGS --json`` prints, parsed; RetrainError naming the command when DVC fails."""
     shown = " ".join(["dvc", *args, "--json"])
     try:
-        out = subprocess.run([_dvc(), *args, "--json"], cwd=cwd, env=_tool_env(), capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(
+            [_dvc(), *args, "--json"], cwd=cwd, env=_tool_env(), capture_output=True, text=True, timeout=timeout
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise RetrainError(f"cannot run `{shown}`: {e}; install the project (make install) or put dvc on PATH") \
-            from e
+        raise RetrainError(f"cannot run `{shown}`: {e}; install the project (make install) or put dvc on PATH") from e
     # DVC's warnings (e.g. that the base has no metrics yet, on a first run) go to stderr.
     warnings = _scrub(out.stderr.strip()[-2000:], ())
     if out.returncode != 0:
-        raise RetrainError(f"`{shown}` exited {out.returncode}: {warnings or 'no message'}; run it in {cwd} "
-                           f"to see the whole error")
+        raise RetrainError(
+            f"`{shown}` exited {out.returncode}: {warnings or 'no message'}; run it in {cwd} to see the whole error"
+        )
     if warnings:
         log.info("%s: %s", shown, warnings)
     try:
         return json.loads(out.stdout) if out.stdout.strip() else {}
     except json.JSONDecodeError as e:
-        raise RetrainError(f"`{shown}` did not print JSON ({e}): {out.stdout[:200]!r}; this needs DVC 3 "
-                           f"(make install)") from None
+        raise RetrainError(
+            f"`{shown}` did not print JSON ({e}): {out.stdout[:200]!r}; this needs DVC 3 (make install)"
+        ) from None
 
 
 def _yaml(text: str | None, where: str) -> dict[str, Any]:
@@ -191,11 +203,11 @@ def _stream(cmd: Sequence[str], cwd: Path) -> tuple[int, str]:
     """Run ``cmd``, echoing its combined output to stderr as it comes; its exit status and output."""
     lines: list[str] = []
     try:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
     except OSError as e:
-        raise RetrainError(f"cannot start {cmd[0]}: {e}; install the project (make install) or put dvc on PATH") \
-            from e
+        raise RetrainError(f"cannot start {cmd[0]}: {e}; install the project (make install) or put dvc on PATH") from e
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
@@ -218,8 +230,11 @@ def run_pipeline(overrides: Sequence[str], cwd: str | Path = ".", extra: Sequenc
     never from its log.
     """
     cwd = Path(cwd)
-    cmd = [_dvc(), "exp", "run", *[a for o in overrides for a in ("-S", o)], *extra] if overrides \
+    cmd = (
+        [_dvc(), "exp", "run", *[a for o in overrides for a in ("-S", o)], *extra]
+        if overrides
         else [_dvc(), "repro", *extra]
+    )
     status_before, lock_before = _dvc_state(cwd)
     shown_before = _experiments_shown(cwd) if overrides else None
     log.info("running %s", " ".join(cmd))
@@ -244,8 +259,15 @@ def plots_diff(base: str, out_dir: str | Path, cwd: str | Path = ".") -> bool:
 # --------------------------------------------------------------------------- the command
 
 
-def build_report(base: str, base_commit: str, cwd: Path, run: RunResult | None, overrides: Sequence[str],
-                 title: str, redact_keys: Iterable[str] = ()) -> Report:
+def build_report(
+    base: str,
+    base_commit: str,
+    cwd: Path,
+    run: RunResult | None,
+    overrides: Sequence[str],
+    title: str,
+    redact_keys: Iterable[str] = (),
+) -> Report:
     """Params and metrics of the workspace ``cwd`` against ``base_commit``, as DVC diffs them; the report."""
     pipeline = _yaml((cwd / PIPELINE_FILE).read_text(), PIPELINE_FILE)
     params = param_changes(dvc_json(["params", "diff", base_commit], cwd))
@@ -254,30 +276,56 @@ def build_report(base: str, base_commit: str, cwd: Path, run: RunResult | None, 
     registered = None
     # A register stage restored from the run-cache counts too (DVC's JSON does not tell it apart): its
     # register.json then describes the earlier, identical registration.
-    if run is not None and run.returncode == 0 and "register" in run.stages.reproduced \
-            and (cwd / REGISTER_FILE).is_file():
+    if (
+        run is not None
+        and run.returncode == 0
+        and "register" in run.stages.reproduced
+        and (cwd / REGISTER_FILE).is_file()
+    ):
         try:
             registered = json.loads((cwd / REGISTER_FILE).read_text())
         except json.JSONDecodeError:
             log.warning("%s is not valid JSON", REGISTER_FILE)
-    return Report(base=base, base_commit=base_commit, params=params, metrics=metrics, overrides=list(overrides),
-                  run=run, stage_order=stage_names(pipeline), registered=registered, title=title,
-                  redact_keys=frozenset(redact_keys))
+    return Report(
+        base=base,
+        base_commit=base_commit,
+        params=params,
+        metrics=metrics,
+        overrides=list(overrides),
+        run=run,
+        stage_order=stage_names(pipeline),
+        registered=registered,
+        title=title,
+        redact_keys=frozenset(redact_keys),
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m resnet.retrain",
         description="Rerun the stale part of the pipeline and report changed params and old vs new metrics "
-                    "against a git ref (what CI does on a pull request).")
+        "against a git ref (what CI does on a pull request).",
+    )
     p.add_argument("--base", required=True, help="git ref to compare with: main, origin/main, HEAD, a commit")
-    p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="parameter override, as in dvc exp run -S (runs the pipeline as a DVC experiment)")
+    p.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="parameter override, as in dvc exp run -S (runs the pipeline as a DVC experiment)",
+    )
     p.add_argument("--report", type=Path, help="also write the markdown report to this file")
     p.add_argument("--plots-dir", type=Path, help="render dvc plots diff BASE to this folder")
     p.add_argument("--title", default="Retraining report", help="heading of the report")
-    p.add_argument("--redact", action="append", default=[], metavar="KEY",
-                   help="parameter whose values the report hides (e.g. data.source from a secret)")
+    p.add_argument(
+        "--redact",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="parameter whose values the report hides (e.g. data.source from a secret)",
+    )
     p.add_argument("--no-run", action="store_true", help="only report the workspace against BASE")
     return p
 
@@ -299,8 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as e:
         log.error("%s", e)
         return 1
-    if (run is None or run.returncode == 0) and args.plots_dir is not None \
-            and plots_diff(args.base, args.plots_dir, cwd):
+    if (
+        (run is None or run.returncode == 0)
+        and args.plots_dir is not None
+        and plots_diff(args.base, args.plots_dir, cwd)
+    ):
         report.plots = str(args.plots_dir / "index.html")
     text = format_report(report)
     if args.report is not None:
@@ -308,8 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.report.write_text(text)
     print(text, end="")
     if run is not None and run.returncode != 0:
-        log.error("the pipeline failed (%s exited %d); see its output above", " ".join(run.command),
-                  run.returncode)
+        log.error("the pipeline failed (%s exited %d); see its output above", " ".join(run.command), run.returncode)
         return 1
     return 0
 

@@ -23,8 +23,7 @@ __all__ = ["run_stage"]
 log = logging.getLogger("resnet.stage")
 
 
-def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.yaml",
-              on_interrupt: str = "") -> int:
+def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.yaml", on_interrupt: str = "") -> int:
     """Load and validate params.yaml, call ``run(params)``; return the process exit status.
 
     Ends with one line giving the stage's wall time and peak resident memory.

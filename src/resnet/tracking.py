@@ -14,7 +14,6 @@ to the real repository above it, so those runs land beside the others.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -31,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
@@ -237,8 +236,11 @@ def start_run(
             log.warning("MLflow run %s of the interrupted training is gone; starting a new run", resume_run_id)
     tags = _provenance_tags(meta, device)
     run_name = os.environ.get("DVC_EXP_NAME")
-    with _run_status(mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                                      run_name=None if run_id else run_name)) as active:
+    with _run_status(
+        mlflow.start_run(
+            run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=None if run_id else run_name
+        )
+    ) as active:
         run = PipelineRun(active.info.run_id, active.info.experiment_id, mlflow.get_tracking_uri())
         run.save(run_file)
         mlflow.set_tags(tags)
@@ -271,8 +273,12 @@ def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
     saved = read_json(run_file)
     _setup(params.tracking)
     if saved.get("tracking_uri") and saved["tracking_uri"] != mlflow.get_tracking_uri():
-        log.warning("run %s was created in %s but the store is now %s", saved["run_id"], saved["tracking_uri"],
-                    mlflow.get_tracking_uri())
+        log.warning(
+            "run %s was created in %s but the store is now %s",
+            saved["run_id"],
+            saved["tracking_uri"],
+            mlflow.get_tracking_uri(),
+        )
     try:
         mlflow.get_run(saved["run_id"])
     except MlflowException as e:
@@ -315,17 +321,25 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         images = preprocess.batch_pixels(np.asarray(model_input), self.image_size, self.channels)
         probs = []
         if len(images):
-            loader = DeviceLoader(images, np.zeros(len(images), dtype=np.int64), self.batch_size,
-                                  mean=self.mean, std=self.std, device="cpu")
+            loader = DeviceLoader(
+                images,
+                np.zeros(len(images), dtype=np.int64),
+                self.batch_size,
+                mean=self.mean,
+                std=self.std,
+                device="cpu",
+            )
             with torch.inference_mode():
                 probs = [torch.softmax(self.model(x), dim=1) for x, _ in loader]
         p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
         idx = p.argmax(axis=1)
-        out = pd.DataFrame({
-            "label": [self.classes[i] for i in idx],
-            "class_index": idx.astype(np.int64),
-            "confidence": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
-        })
+        out = pd.DataFrame(
+            {
+                "label": [self.classes[i] for i in idx],
+                "class_index": idx.astype(np.int64),
+                "confidence": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
+            }
+        )
         for i, c in enumerate(self.classes):
             out[f"prob_{c}"] = p[:, i].astype(np.float64)
         return out
@@ -382,9 +396,14 @@ def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.n
         signature=_signature(ckpt),
         input_example=example,
         # Pinned explicitly: inferring requirements starts a subprocess that loads the model.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                          f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}",
-                          f"pillow=={PIL.__version__}", "pyyaml"],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}",
+            f"pandas=={pd.__version__}",
+            f"mlflow=={mlflow.__version__}",
+            f"pillow=={PIL.__version__}",
+            "pyyaml",
+        ],
     )
 
 
@@ -414,8 +433,9 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
         ) from e
 
 
-def register_model(run: PipelineRun, model_uri: str, name: str, metric: str,
-                   metrics: dict[str, float]) -> dict[str, Any]:
+def register_model(
+    run: PipelineRun, model_uri: str, name: str, metric: str, metrics: dict[str, float]
+) -> dict[str, Any]:
     """Register a version; alias it ``champion`` if it beats the current champion on ``metric``.
 
     Otherwise the new version gets the alias ``challenger``. The champion keeps its
@@ -436,10 +456,13 @@ def register_model(run: PipelineRun, model_uri: str, name: str, metric: str,
     else:
         alias = CHALLENGER
     client.set_registered_model_alias(name, alias, version.version)
-    reason = (f"{metric} {new_value:.4f} > champion v{champion.version}'s {champion_value:.4f}"
-              if alias == CHAMPION and champion is not None and champion_value is not None
-              else "no champion yet" if alias == CHAMPION
-              else f"{metric} {new_value:.4f} does not beat champion v{champion.version}'s {champion_value:.4f}")
+    reason = (
+        f"{metric} {new_value:.4f} > champion v{champion.version}'s {champion_value:.4f}"
+        if alias == CHAMPION and champion is not None and champion_value is not None
+        else "no champion yet"
+        if alias == CHAMPION
+        else f"{metric} {new_value:.4f} does not beat champion v{champion.version}'s {champion_value:.4f}"
+    )
     log.info("registered %s version %s as @%s (%s)", name, version.version, alias, reason)
     return {
         "model_name": name,

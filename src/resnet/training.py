@@ -73,8 +73,16 @@ CHECK_EVERY = 50
 #: Steps between progress-bar postfix updates (only when a bar is shown).
 POSTFIX_EVERY = 20
 #: Keys of each per-epoch metrics dict, in the order of plots/train/history.csv.
-HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-                  "images_per_sec", "epoch_seconds")
+HISTORY_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "images_per_sec",
+    "epoch_seconds",
+)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -137,9 +145,12 @@ class TrainingParts:
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint keys model, optimizer, scheduler and scaler (None unless fp16 uses one)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
@@ -150,8 +161,9 @@ class TrainingParts:
             self.scaler.load_state_dict(ckpt["scaler"])
 
 
-def build_training(params: Params, meta: dict[str, Any], device: torch.device, steps_per_epoch: int,
-                   precision: str = "fp32") -> TrainingParts:
+def build_training(
+    params: Params, meta: dict[str, Any], device: torch.device, steps_per_epoch: int, precision: str = "fp32"
+) -> TrainingParts:
     """Model (on device, channels_last if asked), optimizer, schedule, grad scaler and loss of a run.
 
     ``precision`` is the one :func:`resnet.runtime.resolve_precision` settled on (the scaler is for fp16).
@@ -161,9 +173,13 @@ def build_training(params: Params, meta: dict[str, Any], device: torch.device, s
     if tp.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tp)
-    return TrainingParts(model, optimizer, build_scheduler(optimizer, tp, steps_per_epoch),
-                         torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                         nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing))
+    return TrainingParts(
+        model,
+        optimizer,
+        build_scheduler(optimizer, tp, steps_per_epoch),
+        torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing),
+    )
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -195,8 +211,9 @@ def train_one_epoch(
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
     seen = 0
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-               disable=not progress_enabled())
+    bar = tqdm(
+        total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress_enabled()
+    )
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         with autocast(device, precision):
@@ -222,13 +239,22 @@ def train_one_epoch(
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
             _check_finite(first_bad, epoch, steps)
         if not bar.disable and (step + 1) % POSTFIX_EVERY == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.4f}",
+                acc=f"{correct.item() / seen:.4f}",
+                img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+            )
     bar.close()
     train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # syncs: the timing is honest
     seconds = time.perf_counter() - t0
-    return {"loss": train_loss, "accuracy": train_acc, "images": seen, "seconds": seconds,
-            "images_per_sec": seen / seconds, "lr": lr}
+    return {
+        "loss": train_loss,
+        "accuracy": train_acc,
+        "images": seen,
+        "seconds": seconds,
+        "images_per_sec": seen / seconds,
+        "lr": lr,
+    }
 
 
 def _check_finite(first_bad: Tensor, epoch: int, steps: int) -> None:
@@ -243,8 +269,15 @@ def _check_finite(first_bad: Tensor, epoch: int, steps: int) -> None:
 
 def epoch_metrics(epoch: int, train: dict[str, float], val: dict[str, float], seconds: float) -> dict[str, float]:
     """One history row, keys in HISTORY_FIELDS order (val_loss and val_accuracy only when it validated)."""
-    return {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"], **val,
-            "lr": train["lr"], "images_per_sec": train["images_per_sec"], "epoch_seconds": seconds}
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train["loss"],
+        "train_accuracy": train["accuracy"],
+        **val,
+        "lr": train["lr"],
+        "images_per_sec": train["images_per_sec"],
+        "epoch_seconds": seconds,
+    }
 
 
 # ----------------------------------------------------------------------------- early stopping
@@ -283,12 +316,20 @@ class Trainer:
     from epoch to epoch; :func:`fit` strings them together.
     """
 
-    def __init__(self, params: Params, meta: dict[str, Any], train_loader: DeviceLoader,
-                 val_loader: DeviceLoader, out_dir: str | Path) -> None:
+    def __init__(
+        self,
+        params: Params,
+        meta: dict[str, Any],
+        train_loader: DeviceLoader,
+        val_loader: DeviceLoader,
+        out_dir: str | Path,
+    ) -> None:
         self.device = train_loader.device
         if val_loader.device != self.device:
-            raise TrainingError(f"train data is on {self.device} but validation data on {val_loader.device}; "
-                                "build both loaders on one device")
+            raise TrainingError(
+                f"train data is on {self.device} but validation data on {val_loader.device}; "
+                "build both loaders on one device"
+            )
         self.params, self.meta, self.tp = params, meta, params.train
         self.train_loader, self.val_loader = train_loader, val_loader
         out_dir = Path(out_dir)
@@ -309,10 +350,16 @@ class Trainer:
             set_rng_state(resume["rng"])
         state.extra.update(extra or {})
         trainable = sum(p.numel() for p in self.parts.model.parameters() if p.requires_grad)
-        log.info("%s: %d trainable parameters, %d steps/epoch, %s, precision %s, %s%s", self.params.model.name,
-                 trainable, len(self.train_loader),
-                 f"resuming at epoch {state.epoch + 1}" if resume else "fresh start", self.precision, self.device,
-                 ", torch.compile (the first steps are slow)" if self.tp.compile else "")
+        log.info(
+            "%s: %d trainable parameters, %d steps/epoch, %s, precision %s, %s%s",
+            self.params.model.name,
+            trainable,
+            len(self.train_loader),
+            f"resuming at epoch {state.epoch + 1}" if resume else "fresh start",
+            self.precision,
+            self.device,
+            ", torch.compile (the first steps are slow)" if self.tp.compile else "",
+        )
         return state
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -321,9 +368,18 @@ class Trainer:
         self.parts.model.train()
         freeze_batchnorm_if_frozen(self.parts.model)  # a frozen backbone keeps its BN statistics too
         p = self.parts
-        return train_one_epoch(self.forward, self.train_loader, p.optimizer, p.scheduler, p.scaler, p.criterion,
-                               precision=self.precision, grad_clip=self.tp.grad_clip, epoch=epoch,
-                               epochs=self.tp.epochs)
+        return train_one_epoch(
+            self.forward,
+            self.train_loader,
+            p.optimizer,
+            p.scheduler,
+            p.scaler,
+            p.criterion,
+            precision=self.precision,
+            grad_clip=self.tp.grad_clip,
+            epoch=epoch,
+            epochs=self.tp.epochs,
+        )
 
     def validation_due(self, epoch: int) -> bool:
         """Validate every train.eval_every epochs, and always after the last one."""
@@ -338,10 +394,17 @@ class Trainer:
         """Everything to rebuild the model (see resnet.checkpoint) and to resume the run (see resnet.resume)."""
         meta = self.meta
         return {
-            "arch": arch_from(self.params, meta), "classes": list(meta["classes"]), "mean": list(meta["mean"]),
-            "std": list(meta["std"]), "image_size": list(meta["image_size"]),
-            "params": dataclasses.asdict(self.params), **self.parts.state_dict(), **state.to_checkpoint(),
-            "rng": rng_state(), "fingerprint": fingerprint(self.params, meta), "data_identity": data_identity(meta),
+            "arch": arch_from(self.params, meta),
+            "classes": list(meta["classes"]),
+            "mean": list(meta["mean"]),
+            "std": list(meta["std"]),
+            "image_size": list(meta["image_size"]),
+            "params": dataclasses.asdict(self.params),
+            **self.parts.state_dict(),
+            **state.to_checkpoint(),
+            "rng": rng_state(),
+            "fingerprint": fingerprint(self.params, meta),
+            "data_identity": data_identity(meta),
         }
 
     def save(self, state: TrainState, improved: bool) -> None:
@@ -357,20 +420,38 @@ class Trainer:
             raise TrainingError(f"training ended without a validation pass; delete {self.last_path} and rerun")
         history = state.history
         return TrainResult(
-            model=self.parts.model, history=history, epochs_completed=len(history), best_epoch=state.best_epoch,
-            best_metric=state.best_metric, metric_name=self.stopping.metric, stopped_early=state.stopped_early,
-            resumed_from=resumed_from, train_seconds=sum(h["epoch_seconds"] for h in history),
+            model=self.parts.model,
+            history=history,
+            epochs_completed=len(history),
+            best_epoch=state.best_epoch,
+            best_metric=state.best_metric,
+            metric_name=self.stopping.metric,
+            stopped_early=state.stopped_early,
+            resumed_from=resumed_from,
+            train_seconds=sum(h["epoch_seconds"] for h in history),
             images_per_sec=statistics.harmonic_mean([h["images_per_sec"] for h in history]),
-            device=str(self.device), precision=self.precision, best_path=self.best_path, last_path=self.last_path,
+            device=str(self.device),
+            precision=self.precision,
+            best_path=self.best_path,
+            last_path=self.last_path,
         )
 
 
 def _log_epoch(state: TrainState, epochs: int, improved: bool) -> None:
     m = state.history[-1]
     val = f" val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else ""
-    log.info("epoch %d/%d train_loss %.4f train_acc %.4f%s lr %.3g %.0f img/s %.1fs%s", state.epoch, epochs,
-             m["train_loss"], m["train_accuracy"], val, m["lr"], m["images_per_sec"], m["epoch_seconds"],
-             " (best)" if improved else "")
+    log.info(
+        "epoch %d/%d train_loss %.4f train_acc %.4f%s lr %.3g %.0f img/s %.1fs%s",
+        state.epoch,
+        epochs,
+        m["train_loss"],
+        m["train_accuracy"],
+        val,
+        m["lr"],
+        m["images_per_sec"],
+        m["epoch_seconds"],
+        " (best)" if improved else "",
+    )
 
 
 def fit(
@@ -410,7 +491,12 @@ def fit(
         if on_epoch is not None:
             on_epoch(state.epoch, dict(state.history[-1]))
         if state.stopped_early:
-            log.info("early stopping: %s has not improved for %d validations (best %.4f at epoch %d)",
-                     trainer.stopping.metric, state.bad_evals, state.best_metric, state.best_epoch)
+            log.info(
+                "early stopping: %s has not improved for %d validations (best %.4f at epoch %d)",
+                trainer.stopping.metric,
+                state.bad_evals,
+                state.best_metric,
+                state.best_epoch,
+            )
             break
     return trainer.result(state, resumed_from=resume["epoch"] if resume is not None else None)

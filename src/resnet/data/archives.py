@@ -30,6 +30,7 @@ __all__ = ["Entry", "check_member_name", "iter_archive", "iter_directory", "reso
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Entry:
     """One archive or directory member: a regular file (with its bytes) or a link to another member."""
@@ -80,8 +81,10 @@ def link_target(name: str, target: str, archive: str | Path, *, relative_to_memb
 
 
 def _special_file(archive: Path, name: str, what: str) -> DataError:
-    return DataError(f"{archive}: refused member {name!r}: device file, fifo or other special file ({what}); "
-                     f"an image archive holds only folders and files")
+    return DataError(
+        f"{archive}: refused member {name!r}: device file, fifo or other special file ({what}); "
+        f"an image archive holds only folders and files"
+    )
 
 
 def resolve_links(files: dict[str, bytes | None], links: dict[str, str], where: Path) -> None:
@@ -134,8 +137,9 @@ def _archive_format(path: Path) -> str:
     return "tar"
 
 
-def _checked_entry(path: Path, name: str, kind: str, linkname: str, data: bytes | None,
-                   type_flag: bytes | str) -> Entry | None:
+def _checked_entry(
+    path: Path, name: str, kind: str, linkname: str, data: bytes | None, type_flag: bytes | str
+) -> Entry | None:
     """The Entry of one tar member (None for a folder), after the safety rules; both tar readers use it.
 
     ``kind``: "file", "dir", "symlink", "hardlink" or "special" (device, fifo...).
@@ -255,8 +259,15 @@ def _iter_zip(path: Path, read_data: bool) -> Iterator[Entry]:
                     yield Entry(name, "file", data=data if read_data else None)
     except DataError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, ValueError,
-            NotImplementedError) as e:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        zlib.error,
+        ValueError,
+        NotImplementedError,
+    ) as e:
         raise corrupt(path, e) from None
 
 
@@ -289,8 +300,10 @@ def iter_directory(root: str | Path, *, read_data: bool = True) -> Iterator[Entr
                 if not real.is_file():
                     raise DataError(f"{root}: refused {rel!r}: link to something that is not a regular file")
             elif not stat.S_ISREG(st.st_mode):
-                raise DataError(f"{root}: refused {rel!r}: device file, fifo or socket; "
-                                f"an image folder holds only folders and files")
+                raise DataError(
+                    f"{root}: refused {rel!r}: device file, fifo or socket; "
+                    f"an image folder holds only folders and files"
+                )
             yield Entry(rel, "file", data=p.read_bytes() if read_data else None)
 
 

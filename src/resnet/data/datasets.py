@@ -54,12 +54,25 @@ class OfficialArchive:
 
 OFFICIAL_ARCHIVES: dict[str, OfficialArchive] = {
     "cifar10": OfficialArchive(
-        CIFAR10_URL, "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
-        b"labels", b"label_names"),
+        CIFAR10_URL,
+        "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    ),
     "cifar100": OfficialArchive(
-        CIFAR100_URL, "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
-        ("train",), ("test",), "meta", b"fine_labels", b"fine_label_names"),
+        CIFAR100_URL,
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python",
+        ("train",),
+        ("test",),
+        "meta",
+        b"fine_labels",
+        b"fine_label_names",
+    ),
 }
 
 
@@ -93,7 +106,8 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
         raise DataError(
             f"{where}: no train/ folder found; an image folder must be laid out as "
             f"train/<class>/<image> (and optionally test/<class>/<image>), possibly inside one top-level "
-            f"folder; found top-level folders {top_dirs[:10]}")
+            f"folder; found top-level folders {top_dirs[:10]}"
+        )
     layout: dict[str, list[str]] = {"train": []}
     ignored_dirs: set[str] = set()
     skipped: list[str] = []
@@ -110,11 +124,19 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
             continue
         layout.setdefault(split, []).append(n)
     if ignored_dirs:
-        log.warning("%s: ignored folder(s) %s beside train/test: only train and test are read "
-                    "(validation is carved from train by data.val_fraction)", where, sorted(ignored_dirs))
+        log.warning(
+            "%s: ignored folder(s) %s beside train/test: only train and test are read "
+            "(validation is carved from train by data.val_fraction)",
+            where,
+            sorted(ignored_dirs),
+        )
     if skipped:
-        log.warning("%s: skipped %d file(s) that are not images at <split>/<class>/..., e.g. %s",
-                    where, len(skipped), skipped[:3])
+        log.warning(
+            "%s: skipped %d file(s) that are not images at <split>/<class>/..., e.g. %s",
+            where,
+            len(skipped),
+            skipped[:3],
+        )
     if not layout["train"]:
         raise DataError(f"{where}: the train/ folder holds no images ({sorted(IMAGE_EXTENSIONS)})")
     return prefix, layout
@@ -122,7 +144,7 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
 
 def _class_of(name: str, prefix: str) -> str:
     """The class folder of an image: the folder just below its split folder."""
-    return name[len(prefix):].split("/")[1]
+    return name[len(prefix) :].split("/")[1]
 
 
 def _read_files(path: Path) -> dict[str, bytes | None]:
@@ -139,8 +161,9 @@ def _read_files(path: Path) -> dict[str, bytes | None]:
     return blobs
 
 
-def read_imagefolder(path: str | Path, *, channels: int = 3, image_size: int | None = None
-                     ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+def read_imagefolder(
+    path: str | Path, *, channels: int = 3, image_size: int | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Read ``<split>/<class>/<image>`` from an archive or directory.
 
     Returns ``({"train": (x, y), ["test": (x, y)]}, classes)``; classes are the train
@@ -154,8 +177,9 @@ def read_imagefolder(path: str | Path, *, channels: int = 3, image_size: int | N
     index = {c: i for i, c in enumerate(classes)}
     extra = sorted({_class_of(n, prefix) for n in layout.get("test", [])} - set(classes))
     if extra:
-        raise DataError(f"{path}: test/ has class folder(s) {extra} that train/ lacks; every test class needs "
-                        f"training images")
+        raise DataError(
+            f"{path}: test/ has class folder(s) {extra} that train/ lacks; every test class needs training images"
+        )
     out = {}
     for split, names in layout.items():
         names = sorted(names)
@@ -163,8 +187,10 @@ def read_imagefolder(path: str | Path, *, channels: int = 3, image_size: int | N
         y = np.array([index[_class_of(n, prefix)] for n in names], dtype=np.int64)
         out[split] = (x, y)
     if "test" in out and out["test"][0].shape[1:] != out["train"][0].shape[1:]:
-        raise DataError(f"{path}: test images are {out['test'][0].shape[1:3]} but train images "
-                        f"{out['train'][0].shape[1:3]}; set data.image_size to resize them all")
+        raise DataError(
+            f"{path}: test images are {out['test'][0].shape[1:3]} but train images "
+            f"{out['train'][0].shape[1:3]}; set data.image_size to resize them all"
+        )
     return out, classes
 
 
@@ -175,9 +201,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickle CIFAR batches allowing only the few globals numpy arrays need (no code execution)."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
     }
 
@@ -185,7 +214,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
         if module.startswith("numpy.core"):  # numpy 2 moved numpy.core to numpy._core
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         return super().find_class(module, name)
 
 
@@ -209,8 +238,10 @@ def cifar_member_map(names: list[str], spec: OfficialArchive, path: Path) -> dic
             found[base].append(n)
     missing = [w for w, v in found.items() if not v]
     if missing:
-        raise DataError(f"{path} is not a CIFAR python archive: {missing} missing (expected {spec.folder}/"
-                        f"{{{','.join(wanted)}}}); for an image folder set data.dataset=imagefolder")
+        raise DataError(
+            f"{path} is not a CIFAR python archive: {missing} missing (expected {spec.folder}/"
+            f"{{{','.join(wanted)}}}); for an image folder set data.dataset=imagefolder"
+        )
     dup = {w: v for w, v in found.items() if len(v) > 1}
     if dup:
         raise DataError(f"{path}: CIFAR batch files found more than once: {dup}")
@@ -242,8 +273,9 @@ def read_cifar(path: str | Path, dataset: str) -> tuple[np.ndarray, np.ndarray, 
             x = np.asarray(b[b"data"], dtype=np.uint8)
             y = np.asarray(b[spec.label_key], dtype=np.int64)
             if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
-                raise DataError(f"{path}: CIFAR batch {f!r} has data {x.shape} and {len(y)} labels; "
-                                f"expected (N, 3072) and N")
+                raise DataError(
+                    f"{path}: CIFAR batch {f!r} has data {x.shape} and {len(y)} labels; expected (N, 3072) and N"
+                )
             xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             ys.append(y)
         y = np.concatenate(ys)

@@ -23,8 +23,15 @@ _CHUNK = 1024  # images per torchvision call and per progress update
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def decode_images(names: list[str], blobs: dict[str, bytes | None], where: Path, image_size: int | None,
-                  channels: int, *, desc: str = "") -> np.ndarray:
+def decode_images(
+    names: list[str],
+    blobs: dict[str, bytes | None],
+    where: Path,
+    image_size: int | None,
+    channels: int,
+    *,
+    desc: str = "",
+) -> np.ndarray:
     """Decode the named members to one uint8 (N, H, W, channels) array, in the order given.
 
     Every image is resized to ``image_size`` x ``image_size`` when given; otherwise
@@ -36,7 +43,7 @@ def decode_images(names: list[str], blobs: dict[str, bytes | None], where: Path,
     first: tuple[str, tuple[int, ...]] | None = None
     with tqdm(total=len(names), desc=f"decoding {desc}", unit="img", disable=not progress_enabled()) as bar:
         for start in range(0, len(names), _CHUNK):
-            chunk = names[start:start + _CHUNK]
+            chunk = names[start : start + _CHUNK]
             rgb = _decode_rgb([blobs[n] or b"" for n in chunk], chunk, where)
             if image_size is None:
                 first = first or (chunk[0], rgb[0].shape)
@@ -48,13 +55,14 @@ def decode_images(names: list[str], blobs: dict[str, bytes | None], where: Path,
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def _check_same_size(names: list[str], rgb: list[np.ndarray], first: tuple[str, tuple[int, ...]],
-                     where: Path) -> None:
+def _check_same_size(names: list[str], rgb: list[np.ndarray], first: tuple[str, tuple[int, ...]], where: Path) -> None:
     for name, image in zip(names, rgb, strict=True):
         if image.shape != first[1]:
             (h, w), (fh, fw) = image.shape[:2], first[1][:2]
-            raise DataError(f"{where}: images differ in size ({name} is {w}x{h}, {first[0]} is {fw}x{fh}); "
-                            f"set data.image_size to resize them all")
+            raise DataError(
+                f"{where}: images differ in size ({name} is {w}x{h}, {first[0]} is {fw}x{fh}); "
+                f"set data.image_size to resize them all"
+            )
 
 
 def _decode_rgb(data: list[bytes], names: list[str], where: Path) -> list[np.ndarray]:
@@ -100,5 +108,4 @@ def _decode_jpeg_batch(blobs: list[bytes]) -> list[Any] | None:
                     out.append(decode_jpeg(t, mode=ImageReadMode.RGB))
                 except RuntimeError:
                     out.append(None)
-    return [t if t is not None and t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3 else None
-            for t in out]
+    return [t if t is not None and t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3 else None for t in out]

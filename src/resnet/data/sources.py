@@ -61,8 +61,10 @@ def _source_kind(source: str) -> tuple[str, str | Path]:
             raise DataError(f"data.source: {source!r}: file:// URLs must name a local file (file:///abs/path)")
         return "path", Path(urllib.request.url2pathname(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
-        raise DataError(f"data.source: unsupported URL scheme {parsed.scheme!r} in {source!r}; "
-                        f"use https://, http://, file:// or a local path")
+        raise DataError(
+            f"data.source: unsupported URL scheme {parsed.scheme!r} in {source!r}; "
+            f"use https://, http://, file:// or a local path"
+        )
     path = Path(source).expanduser()
     if not path.is_absolute() and not path.exists() and workspace_root() != Path.cwd().resolve():
         # A DVC temporary copy (dvc exp run --temp, queued runs) sits two levels below
@@ -123,28 +125,41 @@ def _fetch_url(url: str, dest: Path, timeout: float) -> _Hashes:
     try:
         response = _open_url(url, timeout)
     except urllib.error.HTTPError as e:
-        raise DataError(f"cannot download {url}: the server answered {e.code} {e.reason}; check data.source, "
-                        f"or {OFFLINE_HINT}") from None
+        raise DataError(
+            f"cannot download {url}: the server answered {e.code} {e.reason}; check data.source, or {OFFLINE_HINT}"
+        ) from None
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise DataError(f"cannot download {url}: {reason} (after {time.monotonic() - start:.1f} s). "
-                        f"This machine may be offline; {OFFLINE_HINT}") from None
+        raise DataError(
+            f"cannot download {url}: {reason} (after {time.monotonic() - start:.1f} s). "
+            f"This machine may be offline; {OFFLINE_HINT}"
+        ) from None
     hashes = _Hashes()
     with response:
         total = response.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
         log.info("downloading %s (%s)", url, f"{total / 2**20:.1f} MiB" if total else "size unknown")
         try:
-            with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                               desc=dest.name, disable=not progress_enabled()) as bar:
+            with (
+                open(dest, "wb") as out,
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=not progress_enabled(),
+                ) as bar,
+            ):
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     hashes.update(chunk)
                     bar.update(len(chunk))
         except (OSError, TimeoutError, ValueError, http.client.HTTPException) as e:
             # A stalled socket (data.timeout), a dropped connection, IncompleteRead.
-            raise DataError(f"download of {url} failed after {hashes.size} bytes ({type(e).__name__}: {e}); "
-                            f"run the stage again") from None
+            raise DataError(
+                f"download of {url} failed after {hashes.size} bytes ({type(e).__name__}: {e}); run the stage again"
+            ) from None
     if total is not None and hashes.size != total:
         raise DataError(f"download of {url} is truncated: {hashes.size} of {total} bytes; run the stage again")
     return hashes
@@ -183,18 +198,22 @@ def _verify(hashes: _Hashes, params: DataParams, source: str) -> None:
     if params.sha256:
         got = hashes.sha256.hexdigest()
         if got != params.sha256.lower():
-            raise DataError(f"checksum mismatch for {source}: its sha256 is {got} but data.sha256 expects "
-                            f"{params.sha256.lower()}; the file is corrupt or another archive: fetch it again, "
-                            f"or correct data.sha256")
+            raise DataError(
+                f"checksum mismatch for {source}: its sha256 is {got} but data.sha256 expects "
+                f"{params.sha256.lower()}; the file is corrupt or another archive: fetch it again, "
+                f"or correct data.sha256"
+            )
         log.info("sha256 verified: %s", got)
     elif params.dataset in OFFICIAL_ARCHIVES:
         official = OFFICIAL_ARCHIVES[params.dataset]
         got = hashes.md5.hexdigest()
         if got != official.md5:
-            raise DataError(f"checksum mismatch for {source}: md5 {got}, but the official {params.dataset} archive "
-                            f"({official.url}) has md5 {official.md5}; the file is corrupt or not the official "
-                            f"archive: fetch it again, or if you trust this archive set data.sha256 to "
-                            f"{hashes.sha256.hexdigest()}")
+            raise DataError(
+                f"checksum mismatch for {source}: md5 {got}, but the official {params.dataset} archive "
+                f"({official.url}) has md5 {official.md5}; the file is corrupt or not the official "
+                f"archive: fetch it again, or if you trust this archive set data.sha256 to "
+                f"{hashes.sha256.hexdigest()}"
+            )
         log.info("md5 verified against the official %s checksum: %s", params.dataset, got)
     else:
         log.info("no checksum to verify (data.sha256 is null); recorded sha256 %s", hashes.sha256.hexdigest())
@@ -242,11 +261,15 @@ def download(params: DataParams, raw_dir: str | Path = "data/raw") -> dict[str, 
 
 def _check_local_source(where: Path, params: DataParams) -> None:
     if not where.exists():
-        raise DataError(f"data.source: {params.source!r} not found (looked at {where.absolute()}); give the "
-                        f"path of the archive (relative to the repository root) or a URL")
+        raise DataError(
+            f"data.source: {params.source!r} not found (looked at {where.absolute()}); give the "
+            f"path of the archive (relative to the repository root) or a URL"
+        )
     if where.is_dir() and params.dataset != "imagefolder":
-        raise DataError(f"data.source: {params.source!r} is a directory; data.dataset={params.dataset} needs the "
-                        f"official archive (.tar.gz); directories are read only with data.dataset=imagefolder")
+        raise DataError(
+            f"data.source: {params.source!r} is a directory; data.dataset={params.dataset} needs the "
+            f"official archive (.tar.gz); directories are read only with data.dataset=imagefolder"
+        )
 
 
 def _copy_folder_source(where: Path, tmp: Path, params: DataParams) -> tuple[str, str, int, dict[str, Any]]:
@@ -255,17 +278,24 @@ def _copy_folder_source(where: Path, tmp: Path, params: DataParams) -> tuple[str
     log.info("copying image folder %s", where)
     digest, size, count = _copy_tree(where, tmp / name)
     if params.sha256 and digest != params.sha256.lower():
-        raise DataError(f"checksum mismatch for folder {params.source}: tree sha256 {digest}, data.sha256 "
-                        f"expects {params.sha256.lower()}; correct data.sha256 or set it to null")
+        raise DataError(
+            f"checksum mismatch for folder {params.source}: tree sha256 {digest}, data.sha256 "
+            f"expects {params.sha256.lower()}; correct data.sha256 or set it to null"
+        )
     names = [e.name for e in iter_directory(tmp / name, read_data=False)]
     _, layout = imagefolder_layout(names, where)
-    info = {"kind": "directory", "sha256_of": "sorted `sha256sum` lines of the folder's files",
-            "members": count, "splits": {s: len(v) for s, v in layout.items()}}
+    info = {
+        "kind": "directory",
+        "sha256_of": "sorted `sha256sum` lines of the folder's files",
+        "members": count,
+        "splits": {s: len(v) for s, v in layout.items()},
+    }
     return name, digest, size, info
 
 
-def _copy_archive_source(kind: str, where: str | Path, tmp: Path, params: DataParams
-                         ) -> tuple[str, str, int, dict[str, Any]]:
+def _copy_archive_source(
+    kind: str, where: str | Path, tmp: Path, params: DataParams
+) -> tuple[str, str, int, dict[str, Any]]:
     """Fetch or copy an archive into tmp, verify it: (name in raw/, sha256, bytes, source.json fields)."""
     name = _archive_filename(params.source, params.dataset)
     dest = tmp / name

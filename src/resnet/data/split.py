@@ -38,8 +38,9 @@ def _round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int, *, purpose: int = 1
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int, *, purpose: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, take): per class, round(n * fraction) images taken at random.
 
     Every class with at least 2 images keeps at least one and gives at least one; a
@@ -81,7 +82,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
         mean = float((hist * values).sum() / n)
         var = float((hist * (values - mean) ** 2).sum() / n)
         means.append(mean)
-        stds.append(var ** 0.5)
+        stds.append(var**0.5)
     return means, stds
 
 
@@ -112,26 +113,42 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, params: DataParams) -> dic
     source = _verified_source(raw_dir, params)
     t0 = time.monotonic()
     pool = _read_pool(raw_dir / source["path"], params)
-    log.info("read %d train-pool and %d test images of %d classes in %.1f s",
-             len(pool.train_y), len(pool.test_y), len(pool.classes), time.monotonic() - t0)
+    log.info(
+        "read %d train-pool and %d test images of %d classes in %.1f s",
+        len(pool.train_y),
+        len(pool.test_y),
+        len(pool.classes),
+        time.monotonic() - t0,
+    )
     if params.max_per_class is not None:
         pool = _cap_pool(pool, params.max_per_class, params.seed)
     keep, take = stratified_split(pool.train_y, params.val_fraction, params.seed, purpose=1)
-    parts = {"train": (pool.train_x[keep], pool.train_y[keep]), "val": (pool.train_x[take], pool.train_y[take]),
-             "test": (pool.test_x, pool.test_y)}
+    parts = {
+        "train": (pool.train_x[keep], pool.train_y[keep]),
+        "val": (pool.train_x[take], pool.train_y[take]),
+        "test": (pool.test_x, pool.test_y),
+    }
     empty = [s for s, (_, y) in parts.items() if len(y) == 0]
     if empty:
-        raise DataError(f"the {' and '.join(empty)} split(s) would be empty ({len(pool.train_y)} train-pool images "
-                        f"of {len(pool.classes)} classes); every class needs at least 2 training images: raise "
-                        f"data.max_per_class or data.val_fraction, or add images")
+        raise DataError(
+            f"the {' and '.join(empty)} split(s) would be empty ({len(pool.train_y)} train-pool images "
+            f"of {len(pool.classes)} classes); every class needs at least 2 training images: raise "
+            f"data.max_per_class or data.val_fraction, or add images"
+        )
     meta = _meta(parts, pool, source, params)
     with atomic_dir(out_dir) as tmp:
         for s, (x, y) in parts.items():
             save_npz(tmp / f"{s}.npz", images=x, labels=y)
         write_json(tmp / "meta.json", meta)
-    log.info("wrote %s: train %d, val %d, test %d images (%dx%dx%d), mean %s, std %s", out_dir,
-             *meta["sizes"].values(), *meta["image_size"], meta["channels"],
-             [round(m, 4) for m in meta["mean"]], [round(s, 4) for s in meta["std"]])
+    log.info(
+        "wrote %s: train %d, val %d, test %d images (%dx%dx%d), mean %s, std %s",
+        out_dir,
+        *meta["sizes"].values(),
+        *meta["image_size"],
+        meta["channels"],
+        [round(m, 4) for m in meta["mean"]],
+        [round(s, 4) for s in meta["std"]],
+    )
     return meta
 
 
@@ -142,14 +159,18 @@ def _verified_source(raw_dir: Path, params: DataParams) -> dict[str, Any]:
         raise DataError(f"{src_file} not found; run the download stage first (`dvc repro download`)")
     source = read_json(src_file)
     if source.get("dataset") != params.dataset:
-        raise DataError(f"{raw_dir} holds dataset {source.get('dataset')!r} but data.dataset is {params.dataset!r}; "
-                        f"run the download stage again (`dvc repro download`)")
+        raise DataError(
+            f"{raw_dir} holds dataset {source.get('dataset')!r} but data.dataset is {params.dataset!r}; "
+            f"run the download stage again (`dvc repro download`)"
+        )
     path = raw_dir / source["path"]
     if source.get("kind") == "archive":
         got = sha256_file(path)
         if got != source["sha256"]:
-            raise DataError(f"{path} has sha256 {got}, but source.json records {source['sha256']}; the copy was "
-                            f"modified: run `dvc repro -f download`")
+            raise DataError(
+                f"{path} has sha256 {got}, but source.json records {source['sha256']}; the copy was "
+                f"modified: run `dvc repro -f download`"
+            )
     return source
 
 
@@ -157,17 +178,28 @@ def _read_pool(path: Path, params: DataParams) -> _Pool:
     """Step 1 of :func:`prepare`: the train pool and the test split at the model's input pixels."""
     if params.dataset in OFFICIAL_ARCHIVES:
         train_x, train_y, test_x, test_y, classes = read_cifar(path, params.dataset)
-        return _Pool(preprocess.batch_pixels(train_x, params.image_size, params.channels), train_y,
-                     preprocess.batch_pixels(test_x, params.image_size, params.channels), test_y,
-                     classes, "archive")
+        return _Pool(
+            preprocess.batch_pixels(train_x, params.image_size, params.channels),
+            train_y,
+            preprocess.batch_pixels(test_x, params.image_size, params.channels),
+            test_y,
+            classes,
+            "archive",
+        )
     splits, classes = read_imagefolder(path, channels=params.channels, image_size=params.image_size)
     train_x, train_y = splits["train"]
     if "test" in splits:
         return _Pool(train_x, train_y, *splits["test"], classes, "archive")
     keep, take = stratified_split(train_y, params.test_fraction, params.seed, purpose=2)
     log.info("no test/ folder: %d test images carved from train, stratified", len(take))
-    return _Pool(train_x[keep], train_y[keep], train_x[take], train_y[take], classes,
-                 f"carved from train (data.test_fraction={params.test_fraction})")
+    return _Pool(
+        train_x[keep],
+        train_y[keep],
+        train_x[take],
+        train_y[take],
+        classes,
+        f"carved from train (data.test_fraction={params.test_fraction})",
+    )
 
 
 def _cap_pool(pool: _Pool, max_per_class: int, seed: int) -> _Pool:
@@ -180,12 +212,19 @@ def _cap_pool(pool: _Pool, max_per_class: int, seed: int) -> _Pool:
     test_caps = {c: max(1, _round_half_up(test_counts[c] * fractions.get(c, 1.0))) for c in range(n_classes)}
     test_sel = cap_per_class(pool.test_y, test_caps, seed, purpose=4)
     log.info("max_per_class=%d: %d train-pool and %d test images kept", max_per_class, len(sel), len(test_sel))
-    return _Pool(pool.train_x[sel], pool.train_y[sel], pool.test_x[test_sel], pool.test_y[test_sel],
-                 pool.classes, pool.test_origin)
+    return _Pool(
+        pool.train_x[sel],
+        pool.train_y[sel],
+        pool.test_x[test_sel],
+        pool.test_y[test_sel],
+        pool.classes,
+        pool.test_origin,
+    )
 
 
-def _meta(parts: dict[str, tuple[np.ndarray, np.ndarray]], pool: _Pool, source: dict[str, Any],
-          params: DataParams) -> dict[str, Any]:
+def _meta(
+    parts: dict[str, tuple[np.ndarray, np.ndarray]], pool: _Pool, source: dict[str, Any], params: DataParams
+) -> dict[str, Any]:
     """meta.json: classes, image size, channels, train-split mean/std, counts and provenance."""
     classes = pool.classes
     mean, std = channel_stats(parts["train"][0])
@@ -199,8 +238,10 @@ def _meta(parts: dict[str, tuple[np.ndarray, np.ndarray]], pool: _Pool, source: 
         "mean": mean,
         "std": std,
         "sizes": {s: int(len(y)) for s, (_, y) in parts.items()},
-        "counts": {s: {classes[k]: int(n) for k, n in enumerate(np.bincount(y, minlength=len(classes)))}
-                   for s, (_, y) in parts.items()},
+        "counts": {
+            s: {classes[k]: int(n) for k, n in enumerate(np.bincount(y, minlength=len(classes)))}
+            for s, (_, y) in parts.items()
+        },
         "source": source["source"],
         "source_sha256": source["sha256"],
         "test_split": pool.test_origin,

@@ -44,8 +44,10 @@ def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is unreadable or incomplete ({e}); run `dvc repro -f split`") from None
     if images.dtype != np.uint8 or images.ndim != 4 or labels.dtype != np.int64 or len(labels) != len(images):
-        raise DataError(f"{path}: expected uint8 images (N, H, W, C) and int64 labels (N,), got {images.dtype} "
-                        f"{images.shape} and {labels.dtype} {labels.shape}; run `dvc repro -f split`")
+        raise DataError(
+            f"{path}: expected uint8 images (N, H, W, C) and int64 labels (N,), got {images.dtype} "
+            f"{images.shape} and {labels.dtype} {labels.shape}; run `dvc repro -f split`"
+        )
     return images, labels
 
 

@@ -29,8 +29,17 @@ __all__ = ["Unsupported", "Member", "iter_members"]
 
 _ZERO_BLOCK = bytes(512)
 # Member kinds by tar type flag; "7" (contiguous) is a regular file to every extractor.
-_KINDS = {b"0": "file", b"\x00": "file", b"7": "file", b"5": "dir", b"1": "hardlink", b"2": "symlink",
-          b"3": "special", b"4": "special", b"6": "special"}
+_KINDS = {
+    b"0": "file",
+    b"\x00": "file",
+    b"7": "file",
+    b"5": "dir",
+    b"1": "hardlink",
+    b"2": "symlink",
+    b"3": "special",
+    b"4": "special",
+    b"6": "special",
+}
 _EXTENDED = (b"x", b"g", b"L", b"K")  # pax and GNU records that describe the next member
 
 
@@ -155,7 +164,7 @@ def _pax_records(payload: bytes) -> dict[str, str]:
         length = int(payload[pos:space])
         if length <= 0:
             raise ValueError("bad pax record length")
-        key, _, value = payload[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
