@@ -250,58 +250,74 @@ def evaluate(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    k = min(5, num_classes)
     was_training = model.training
     model.to(device).eval()
-
-    topk_hits = torch.zeros((), dtype=torch.int64, device=device)
-    losses: list[Tensor] = []
-    labels: list[Tensor] = []
-    preds: list[Tensor] = []
-    probs: list[Tensor] = []
     try:
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(x).float()
-            if logits.ndim != 2 or logits.shape[1] != num_classes:
-                raise EvaluationError(
-                    f"the model outputs shape {tuple(logits.shape)}, expected (batch, {num_classes}); "
-                    "num_classes must match the model's classifier"
-                )
-            losses.append(F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing))
-            # Top-1 is the first of the top-k, so ties can never make top-5 < top-1.
-            top = logits.topk(k, dim=1).indices
-            topk_hits += (top == y[:, None]).any(dim=1).sum()
-            labels.append(y)
-            preds.append(top[:, 0])
-            probs.append(logits.softmax(dim=1))
+        outputs = _forward_pass(model, loader, num_classes, device, precision, label_smoothing)
     finally:
         model.train(was_training)
+    return _result(outputs, num_classes)
+
+
+@dataclass
+class _PassOutputs:
+    """What one pass leaves on the device, per image (in loader order) and in total."""
+
+    losses: Tensor  # (N,) float32
+    labels: Tensor  # (N,) int64
+    top: Tensor  # (N, k) predicted classes, most likely first
+    probs: Tensor  # (N, C) softmax rows
+    topk_hits: Tensor  # () int64
+
+
+def _forward_pass(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    num_classes: int,
+    device: torch.device,
+    precision: str,
+    label_smoothing: float,
+) -> _PassOutputs:
+    k = min(5, num_classes)
+    topk_hits = torch.zeros((), dtype=torch.int64, device=device)
+    losses, labels, tops, probs = [], [], [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x).float()
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
+            raise EvaluationError(
+                f"the model outputs shape {tuple(logits.shape)}, expected (batch, {num_classes}); "
+                "num_classes must match the model's classifier"
+            )
+        losses.append(F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing))
+        # Top-1 is the first of the top-k, so ties can never make top-5 < top-1.
+        top = logits.topk(k, dim=1).indices
+        topk_hits += (top == y[:, None]).any(dim=1).sum()
+        labels.append(y)
+        tops.append(top)
+        probs.append(logits.softmax(dim=1))
     if not labels:
         raise EvaluationError("the loader yielded no batches; there is nothing to evaluate")
+    return _PassOutputs(torch.cat(losses), torch.cat(labels), torch.cat(tops), torch.cat(probs), topk_hits)
 
-    y_all, p_all, prob_all = torch.cat(labels), torch.cat(preds), torch.cat(probs)
-    wrong = p_all != y_all
-    # The one device-to-host copy of the whole pass.
-    y_np = y_all.cpu().numpy()
-    p_np = p_all.cpu().numpy()
-    conf_np = prob_all.gather(1, p_all[:, None]).squeeze(1).cpu().numpy()
-    wrong_idx = wrong.nonzero().squeeze(1).cpu().numpy()
-    wrong_probs = prob_all[wrong].cpu().numpy()
+
+def _result(out: _PassOutputs, num_classes: int) -> EvalResult:
+    """All metrics from one pass, with the one device-to-host copy of the whole pass."""
+    predicted = out.top[:, 0]
+    wrong = predicted != out.labels
+    y_np = out.labels.cpu().numpy()
+    p_np = predicted.cpu().numpy()
     n = len(y_np)
-    # One float64 sum over every image's loss, in image order: the same number however the images were batched.
-    loss = torch.cat(losses).double().sum().item() / n
-    top5 = topk_hits.item() / n
-
     cm = confusion_matrix(y_np, p_np, num_classes)
     pcm = per_class_metrics(cm)
     return EvalResult(
-        loss=loss,
+        # One float64 sum over every image's loss, in image order: the same number however the images were batched.
+        loss=out.losses.double().sum().item() / n,
         accuracy=float(np.trace(cm)) / n,
-        top5_accuracy=top5,
-        topk=k,
+        top5_accuracy=out.topk_hits.item() / n,
+        topk=out.top.shape[1],
         confusion=cm,
         precision=pcm["precision"],
         recall=pcm["recall"],
@@ -309,9 +325,9 @@ def evaluate(
         support=pcm["support"],
         labels=y_np,
         predictions=p_np,
-        confidences=conf_np,
-        misclassified_indices=wrong_idx,
-        misclassified_probabilities=wrong_probs,
+        confidences=out.probs.gather(1, predicted[:, None]).squeeze(1).cpu().numpy(),
+        misclassified_indices=wrong.nonzero().squeeze(1).cpu().numpy(),
+        misclassified_probabilities=out.probs[wrong].cpu().numpy(),
     )
 
 

@@ -324,6 +324,27 @@ def _short(commit: str) -> str:
 
 def format_report(report: Report) -> str:
     """The markdown report: run status, stages, changed params, old vs new metrics, the registry."""
+    lines = _header(report)
+    if report.run is not None:
+        lines += _stage_table(report.run, report.stage_order)
+    lines += _params_table(report) + _metrics_table(report)
+    if report.registered:
+        r = report.registered
+        lines += [
+            "### Model registry",
+            "",
+            f"`{r.get('model_name')}` version {r.get('version')} is **@{r.get('alias')}**: {r.get('reason')}.",
+            "",
+        ]
+    if report.plots:
+        lines += ["### Plots", "", f"`dvc plots diff {report.base}` rendered to `{report.plots}`.", ""]
+    if report.run is not None and report.run.returncode:
+        lines += _failure(report.run, _secrets(report))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(report: Report) -> list[str]:
+    """Title, base, overrides, the command and its outcome."""
     lines = [f"## {report.title}", ""]
     base = f"`{report.base}`" + (f" ({_short(report.base_commit)})" if report.base_commit != report.base else "")
     lines.append(f"Compared with {base}.")
@@ -343,12 +364,11 @@ def format_report(report: Report) -> str:
         if run.stages.experiments:
             names = ", ".join(f"`{name}`" for name in run.stages.experiments)
             lines.append(f"DVC experiment{'s' if len(run.stages.experiments) > 1 else ''}: {names}.")
-    lines.append("")
+    return [*lines, ""]
 
-    if run is not None:
-        lines += _stage_table(run, report.stage_order)
 
-    lines += ["### Parameters changed", ""]
+def _params_table(report: Report) -> list[str]:
+    lines = ["### Parameters changed", ""]
     if report.params:
         lines += ["| parameter | old | new |", "| --- | --- | --- |"]
         for c in report.params:
@@ -356,9 +376,11 @@ def format_report(report: Report) -> str:
             lines.append(f"| {c.key} | {_param_cell(c.old, hide)} | {_param_cell(c.new, hide)} |")
     else:
         lines.append(f"None: params.yaml is the same as at `{report.base}`.")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["### Metrics", ""]
+
+def _metrics_table(report: Report) -> list[str]:
+    lines = ["### Metrics", ""]
     if report.metrics:
         lines += ["| file | metric | old | new | change |", "| --- | --- | ---: | ---: | ---: |"]
         for r in report.metrics:
@@ -367,33 +389,24 @@ def format_report(report: Report) -> str:
             lines += ["", f"`{report.base}` has no metrics yet (first run): old values are {DASH}."]
     else:
         lines.append("No metrics files found.")
-    lines.append("")
+    return [*lines, ""]
 
-    if report.registered:
-        r = report.registered
-        lines += [
-            "### Model registry",
-            "",
-            f"`{r.get('model_name')}` version {r.get('version')} is **@{r.get('alias')}**: {r.get('reason')}.",
-            "",
-        ]
-    if report.plots:
-        lines += ["### Plots", "", f"`dvc plots diff {report.base}` rendered to `{report.plots}`.", ""]
-    if run is not None and run.returncode:
-        tail = _scrub("\n".join(run.output.rstrip().splitlines()[-FAILURE_TAIL_LINES:]), _secrets(report))
-        lines += [
-            "### Failure",
-            "",
-            "<details><summary>last lines of the pipeline's output</summary>",
-            "",
-            "```",
-            tail.replace("```", "'''"),
-            "```",
-            "",
-            "</details>",
-            "",
-        ]
-    return "\n".join(lines).rstrip() + "\n"
+
+def _failure(run: RunResult, secrets: Sequence[str]) -> list[str]:
+    """The end of a failed pipeline's output, without secrets."""
+    tail = _scrub("\n".join(run.output.rstrip().splitlines()[-FAILURE_TAIL_LINES:]), secrets)
+    return [
+        "### Failure",
+        "",
+        "<details><summary>last lines of the pipeline's output</summary>",
+        "",
+        "```",
+        tail.replace("```", "'''"),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
 
 
 def _stage_table(run: RunResult, stage_order: Sequence[str]) -> list[str]:

@@ -219,15 +219,7 @@ def train_one_epoch(
         with autocast(device, precision):
             logits = model(x)
             loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            nn.utils.clip_grad_norm_(params, grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]  # the lr this step used (a Python float: no sync)
-        scheduler.step()
+        lr = _optimizer_step(loss, params, optimizer, scheduler, scaler, grad_clip)
 
         # Bookkeeping stays on the device; the host only looks every few dozen steps.
         loss = loss.detach().float()
@@ -255,6 +247,27 @@ def train_one_epoch(
         "images_per_sec": seen / seconds,
         "lr": lr,
     }
+
+
+def _optimizer_step(
+    loss: Tensor,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float | None,
+) -> float:
+    """Backward, optional clipping, the optimizer and schedule steps; returns the lr this step used."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    lr = optimizer.param_groups[0]["lr"]  # a Python float: no sync
+    scheduler.step()
+    return lr
 
 
 def _check_finite(first_bad: Tensor, epoch: int, steps: int) -> None:
