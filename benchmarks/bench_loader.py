@@ -58,6 +58,20 @@ class ArrayDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+def tutorial_loader(images: np.ndarray, labels: np.ndarray, meta: dict, batch_size: int, workers: int) -> DataLoader:
+    """The tutorials' input pipeline: a DataLoader of PIL crops and flips, ToTensor, Normalize."""
+    size = meta["image_size"][0]
+    augment = transforms.Compose(
+        [
+            transforms.RandomCrop(size, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(meta["mean"], meta["std"]),
+        ]
+    )
+    return DataLoader(ArrayDataset(images, labels, augment), batch_size=batch_size, shuffle=True, num_workers=workers)
+
+
 def steady_rate(batches, seconds: float, warmup: int = 5, min_batches: int = 20) -> tuple[float, int]:
     """Batches per second over about `seconds`, after `warmup` batches; (rate, batches timed)."""
     it = iter(batches)
@@ -116,7 +130,6 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    size = meta["image_size"][0]
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     command = " ".join([Path(sys.executable).name, *sys.argv])
@@ -140,23 +153,7 @@ def main() -> int:
         augment=augment,
         seed=0,
     )
-    tutorial = DataLoader(
-        ArrayDataset(
-            images,
-            labels,
-            transforms.Compose(
-                [
-                    transforms.RandomCrop(size, padding=4),
-                    transforms.RandomHorizontalFlip(),
-                    transforms.ToTensor(),
-                    transforms.Normalize(meta["mean"], meta["std"]),
-                ]
-            ),
-        ),
-        batch_size=args.batch_size,
-        shuffle=True,
-        num_workers=args.workers,
-    )
+    tutorial = tutorial_loader(images, labels, meta, args.batch_size, args.workers)
 
     def run_device(threads: int) -> float:
         torch.set_num_threads(threads)

@@ -32,10 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_loader import RESULTS, ArrayDataset, machine_info
+from bench_loader import RESULTS, machine_info, tutorial_loader
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision import transforms
 
 from resnet.config import load_params
 from resnet.data.store import load_meta, load_split
@@ -58,24 +56,7 @@ def tutorial_rate(
     steps: int,
 ) -> float:
     """Images/s of the tutorials' loop over `steps` batches, after `warmup` batches (worker start-up excluded)."""
-    size = meta["image_size"][0]
-    loader = DataLoader(
-        ArrayDataset(
-            images,
-            labels,
-            transforms.Compose(
-                [
-                    transforms.RandomCrop(size, padding=4),
-                    transforms.RandomHorizontalFlip(),
-                    transforms.ToTensor(),
-                    transforms.Normalize(meta["mean"], meta["std"]),
-                ]
-            ),
-        ),
-        batch_size=batch,
-        shuffle=True,
-        num_workers=workers,
-    )
+    loader = tutorial_loader(images, labels, meta, batch, workers)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
     model.train()
