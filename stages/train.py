@@ -16,6 +16,7 @@ from resnet import paths, tracking
 from resnet.config import Params
 from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
+from resnet.lock import exclusive_lock
 from resnet.resume import find_resume_checkpoint
 from resnet.runtime import configure_torch, keep_freed_memory
 from resnet.stage import run_stage
@@ -23,6 +24,9 @@ from resnet.training import HISTORY_FIELDS, TrainResult, fit
 from resnet.utils import atomic_path, write_json
 
 log = logging.getLogger("stages.train")
+
+# Not a pipeline file (neither DVC nor git tracks it): held while a training runs.
+TRAIN_LOCK = paths.MODELS / ".train.lock"
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -55,6 +59,12 @@ def _summary(result: TrainResult) -> dict[str, Any]:
 
 
 def run(params: Params) -> None:
+    # Params are valid (run_stage checked them); one training per workspace from here on.
+    with exclusive_lock(TRAIN_LOCK, "training"):
+        _train(params)
+
+
+def _train(params: Params) -> None:
     tp = params.train
     device = configure_torch(tp)
     if device.type == "cpu":

@@ -6,6 +6,8 @@
   folders and their archives, optionally inside one top-level folder.
 * :func:`make_malicious_tar`, :func:`make_malicious_zip`: path traversal, links
   pointing outside, device files.
+* :func:`png_bomb`, :func:`jpeg_claiming_size`: decompression bombs (a few KB that claim
+  a huge image).
 
 Importable from any test module (pytest puts tests/ on sys.path): ``from archives import ...``.
 """
@@ -16,8 +18,10 @@ import hashlib
 import io
 import pickle
 import stat
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +242,29 @@ def sha256_of(path: str | Path) -> str:
 
 def md5_of(path: str | Path) -> str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid 1-bit grayscale PNG of zeros, ``width`` x ``height``: about 50 KB on disk for 20000 x 20000.
+
+    Written by hand (PIL would hold all the pixels to encode it).
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def jpeg_claiming_size(width: int, height: int) -> bytes:
+    """An 8 x 8 JPEG whose frame header claims ``width`` x ``height`` (its data is cut short for that size)."""
+    buf = io.BytesIO()
+    Image.fromarray(class_image(0, 0)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline start of frame: length, precision, height, width
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)

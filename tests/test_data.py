@@ -19,6 +19,7 @@ import sys
 import tarfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,14 @@ import pytest
 import yaml
 from archives import (
     CLASSES,
+    jpeg_claiming_size,
     make_cifar_archive,
     make_malicious_tar,
     make_malicious_zip,
     make_tar,
     make_zip,
     md5_of,
+    png_bomb,
     sha256_of,
     write_imagefolder,
 )
@@ -41,8 +44,9 @@ from PIL import Image
 from resnet import preprocess
 from resnet.config import ConfigError, DataParams, parse_params
 from resnet.data import archives, tar_reader
+from resnet.data import decode as decode_module
 from resnet.data.archives import iter_archive
-from resnet.data.datasets import OFFICIAL_ARCHIVES
+from resnet.data.datasets import OFFICIAL_ARCHIVES, imagefolder_layout
 from resnet.data.errors import DataError
 from resnet.data.sources import download
 from resnet.data.split import prepare, stratified_split
@@ -506,6 +510,70 @@ def test_corrupt_image_names_the_file(tmp_path):
     write_imagefolder(tmp_path / "src", per_class={"train": 3})
     (tmp_path / "src" / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match="train/dog/bad.png"):
+        run_stages(tmp_path / "src", tmp_path)
+    assert not (tmp_path / "prepared").exists()
+
+
+# --------------------------------------------------------------------------- untrusted images
+
+
+@pytest.mark.parametrize("width, height", [(20_000, 20_000), (10_000, 9_000)])
+def test_decompression_bomb_is_refused_from_its_header_naming_size_and_limit(width, height):
+    """Past PIL's hard limit (it raised DecompressionBombError) and between its warning and hard limits
+    (it only warned, then decoded 270 MB): both refused, with no warning, naming the size and the limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            preprocess.ImageError, match=rf"{width * height:,} pixels\) is over the limit of 89,478,485"
+        ):
+            preprocess.decode(png_bomb(width, height))
+
+
+def test_split_refuses_a_decompression_bomb_naming_the_file(tmp_path):
+    write_imagefolder(tmp_path / "src", per_class={"train": 3})
+    (tmp_path / "src" / "train" / "dog" / "bomb.png").write_bytes(png_bomb())
+    message = r"train/dog/bomb.png: image \(400,000,000 pixels\) is over the limit of 89,478,485 pixels.*megapixels"
+    with pytest.raises(DataError, match=message):
+        run_stages(tmp_path / "src", tmp_path)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_oversized_jpeg_never_reaches_the_fast_decoder(tmp_path, monkeypatch):
+    """torchvision decodes JPEGs with no size limit: the header's size is checked first."""
+    write_imagefolder(tmp_path / "src", per_class={"train": 3}, fmt="jpg")
+    big = jpeg_claiming_size(12_000, 8_000)
+    (tmp_path / "src" / "train" / "cat" / "big.jpg").write_bytes(big)
+    seen: list[bytes] = []
+    fast = decode_module._decode_jpeg_batch
+    monkeypatch.setattr(decode_module, "_decode_jpeg_batch", lambda blobs: seen.extend(blobs) or fast(blobs))
+    with pytest.raises(DataError, match=r"train/cat/big.jpg: image 12000x8000 \(96,000,000 pixels\) is over the limit"):
+        run_stages(tmp_path / "src", tmp_path)
+    assert big not in seen and len(seen) == 9  # the others went the fast way
+
+
+def test_a_class_folder_without_images_is_named(tmp_path):
+    write_imagefolder(tmp_path / "src", per_class={"train": 3})
+    (tmp_path / "src" / "train" / "bird").mkdir()
+    (tmp_path / "src" / "train" / "bird" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "src" / "train" / "bird" / "notes.txt").write_text("to do")
+    for source in (tmp_path / "src", make_zip(tmp_path / "src", tmp_path / "x.zip")):
+        with pytest.raises(DataError, match=r"class folder\(s\) \['train/bird/'\] hold no images"):
+            download(folder_params(source), tmp_path / "raw")
+        assert not (tmp_path / "raw").exists()
+
+
+def test_an_empty_class_folder_entry_is_named():
+    """A folder entry (as a tar or zip lists an empty folder: a name ending in '/') counts as a class folder."""
+    names = ["data/train/cat/0.png", "data/train/dog/0.png", "data/train/dog/1.png", "data/train/emu/", "data/x/"]
+    with pytest.raises(DataError, match=r"\['data/train/emu/'\] hold no images"):
+        imagefolder_layout(names, Path("x.tar"))
+    prefix, layout = imagefolder_layout([*names[:3], "data/train/", "data/train/cat/", "data/.git/"], Path("x.tar"))
+    assert prefix == "data/" and layout == {"train": names[:3]}
+
+
+def test_a_one_class_dataset_is_refused(tmp_path):
+    write_imagefolder(tmp_path / "src", classes=("cat",), per_class={"train": 10})
+    with pytest.raises(DataError, match=r"1 class\(es\) \['cat'\]; a classifier needs at least 2"):
         run_stages(tmp_path / "src", tmp_path)
     assert not (tmp_path / "prepared").exists()
 

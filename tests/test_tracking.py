@@ -334,3 +334,24 @@ def test_pyfunc_takes_any_size_and_grayscale_exactly_as_training_does(repo: Path
 
     with pytest.raises(Exception, match=r"C = 1 \(grayscale\) or 3 \(RGB\).*\(1, 8, 8, 4\)"):
         loaded.predict(np.zeros((1, 8, 8, 4), dtype=np.uint8))  # RGBA: refused, naming the shape
+
+
+# --------------------------------------------------------------------------- predict: untrusted images
+
+
+def test_predict_refuses_a_decompression_bomb_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PNG of 20000 x 20000 (50 KB): one error line naming the file and the limit, exit status 1, no traceback."""
+    from archives import png_bomb
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb())
+    monkeypatch.setattr(tracking, "load_pyfunc", lambda uri, params: None)  # never asked to predict
+    argv = ["--model", "models:/m@champion", "--params", str(tmp_path / "none.yaml"), str(bomb)]
+    assert predict.main(argv) == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    message = errors[0].getMessage()
+    assert "\n" not in message and message.startswith(f"cannot read image {bomb}: image (400,000,000 pixels)")
+    assert "over the limit of 89,478,485 pixels" in message

@@ -13,19 +13,26 @@ Resizing before the grayscale conversion matters: the two orders round different
 A grayscale image survives steps 1 and 3 unchanged (the luma of three equal channels
 is that channel), so a 1-channel model sees exactly what it was trained on.
 
+Untrusted files: :func:`decode` refuses an image of more than :data:`MAX_PIXELS` pixels
+from its header, before decoding it (a decompression bomb: a few KB that decode to GBs).
+
 Light on purpose (numpy, PIL): the pyfunc model ships this package's code.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "MAX_PIXELS",
     "ImageError",
+    "check_pixels",
     "Size",
     "as_size",
     "decode",
@@ -39,6 +46,10 @@ __all__ = [
 
 #: A target size: an int for a square, (height, width), or None to keep the image's own size.
 Size = int | Sequence[int] | None
+
+#: The largest image decoded, in pixels: PIL's own warning threshold (2**30 // 4 // 3, a 256 MiB RGB
+#: buffer, about 9459 x 9459), far above any camera's photo, refused here instead of warned about.
+MAX_PIXELS = 89_478_485
 
 
 class ImageError(ValueError):
@@ -58,11 +69,33 @@ def as_size(size: Size) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
+def _too_large(pixels: int, dims: str = "") -> ImageError:
+    return ImageError(
+        f"image {dims}({pixels:,} pixels) is over the limit of {MAX_PIXELS:,} pixels (a decompression bomb, "
+        f"or far larger than a model needs); shrink it below {MAX_PIXELS // 1_000_000} megapixels"
+    )
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse an image of ``width`` x ``height`` over :data:`MAX_PIXELS` (from its header, before decoding)."""
+    if width * height > MAX_PIXELS:
+        raise _too_large(width * height, f"{width}x{height} ")
+
+
 def decode(data: bytes) -> np.ndarray:
-    """Decode an encoded image (JPEG, PNG, ...) to uint8 RGB (H, W, 3) with PIL."""
+    """Decode an encoded image (JPEG, PNG, ...) to uint8 RGB (H, W, 3) with PIL; over MAX_PIXELS is refused."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.array(im.convert("RGB"))  # a writable copy (asarray's is read-only)
+        with warnings.catch_warnings():
+            # PIL warns past its MAX_IMAGE_PIXELS (and raises past twice that); check_pixels refuses instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                check_pixels(*im.size)
+                return np.array(im.convert("RGB"))  # a writable copy (asarray's is read-only)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:  # past PIL's own hard limit: it gives no dimensions
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise (_too_large(int(found[1])) if found else ImageError(f"cannot decode image: {e}")) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
 

@@ -89,9 +89,12 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
     """(prefix, {'train': names, ['test': names]}): where the split folders are, and their images.
 
     Layout: ``<split>/<class>/.../<image>``, optionally inside one top-level folder
-    (``cifar10/train/...``). Split folder names match case-insensitively.
+    (``cifar10/train/...``). Split folder names match case-insensitively. A class folder
+    under train/ without images (only other files, or empty: a folder entry, a name ending
+    in ``/``) is refused, naming it: a class with nothing to learn from means a broken dataset.
     """
-    names = [n for n in names if not _is_junk(n)]
+    all_names = names
+    names = [n for n in names if not _is_junk(n) and not n.endswith("/")]
     parts = [n.split("/") for n in names]
     top_dirs = sorted({p[0] for p in parts if len(p) > 1})
 
@@ -139,7 +142,26 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
         )
     if not layout["train"]:
         raise DataError(f"{where}: the train/ folder holds no images ({sorted(IMAGE_EXTENSIONS)})")
+    empty = sorted(_train_class_folders(all_names, depth, prefix) - {_class_of(n, prefix) for n in layout["train"]})
+    if empty:
+        raise DataError(
+            f"{where}: class folder(s) {[f'{prefix}train/{c}/' for c in empty]} hold no images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images to them or remove them"
+        )
     return prefix, layout
+
+
+def _train_class_folders(names: list[str], depth: int, prefix: str) -> set[str]:
+    """The class folder names under ``<prefix>train/`` that any member (file or folder entry) shows."""
+    found = set()
+    for n in names:
+        parts = n.rstrip("/").split("/")
+        is_folder = n.endswith("/")
+        if len(parts) < depth + (2 if is_folder else 3) or (depth and parts[0] + "/" != prefix):
+            continue
+        if parts[depth].lower() == "train" and not _is_junk(parts[depth + 1]):
+            found.add(parts[depth + 1])
+    return found
 
 
 def _class_of(name: str, prefix: str) -> str:

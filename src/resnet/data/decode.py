@@ -2,7 +2,9 @@
 
 Pixels are exactly what :func:`resnet.preprocess.from_bytes` gives for each file
 (RGB, resize, grayscale if asked); JPEGs are decoded by torchvision in batches, which
-gives PIL's pixels (both are libjpeg-turbo) several times faster.
+gives PIL's pixels (both are libjpeg-turbo) several times faster. A JPEG goes to
+torchvision only when its frame header gives a size within :data:`resnet.preprocess.MAX_PIXELS`;
+any other file goes to :func:`resnet.preprocess.decode`, which refuses what is over the limit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ __all__ = ["decode_images"]
 
 _CHUNK = 1024  # images per torchvision call and per progress update
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic): not C4 (DHT), C8 (JPG), CC (DAC).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 def decode_images(
@@ -68,7 +72,8 @@ def _check_same_size(names: list[str], rgb: list[np.ndarray], first: tuple[str, 
 def _decode_rgb(data: list[bytes], names: list[str], where: Path) -> list[np.ndarray]:
     """uint8 RGB (H, W, 3) at the native size: JPEGs by torchvision where it can, the rest by PIL."""
     out: list[Any] = [None] * len(data)
-    jpeg = [i for i, d in enumerate(data) if d[:3] == _JPEG_MAGIC]
+    # Only JPEGs whose header size is within the limit; PIL decodes or refuses the rest, naming the size.
+    jpeg = [i for i, d in enumerate(data) if d[:3] == _JPEG_MAGIC and _jpeg_pixels(d) <= preprocess.MAX_PIXELS]
     if jpeg:
         decoded = _decode_jpeg_batch([data[i] for i in jpeg])
         for i, t in zip(jpeg, decoded or [None] * len(jpeg), strict=True):
@@ -81,6 +86,25 @@ def _decode_rgb(data: list[bytes], names: list[str], where: Path) -> list[np.nda
             except preprocess.ImageError as e:
                 raise DataError(f"{where}: {name}: {e}; remove or replace the file") from None
     return out
+
+
+def _jpeg_pixels(data: bytes) -> float:
+    """Width x height from a JPEG's frame header, read before decoding; inf if it has none before the scan."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _JPEG_SOF:
+            height, width = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+            return width * height if width and height and i + 9 <= n else float("inf")
+        elif marker in (0xDA, 0xD9):  # start of scan, end of image: no frame header
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return float("inf")
 
 
 def _decode_jpeg_batch(blobs: list[bytes]) -> list[Any] | None:

@@ -113,6 +113,11 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, params: DataParams) -> dic
     source = _verified_source(raw_dir, params)
     t0 = time.monotonic()
     pool = _read_pool(raw_dir / source["path"], params)
+    if len(pool.classes) < 2:
+        raise DataError(
+            f"{raw_dir / source['path']}: {len(pool.classes)} class(es) {pool.classes}; a classifier needs at "
+            f"least 2: add a folder of images per class (train/<class>/<image>)"
+        )
     log.info(
         "read %d train-pool and %d test images of %d classes in %.1f s",
         len(pool.train_y),

@@ -1,0 +1,132 @@
+"""Failures that must not cost finished work, and one training per workspace.
+
+* A params typo followed by its fix reruns nothing (real dvc in a temporary git
+  repository, ``@pytest.mark.slow``): DVC 3 deletes every output of a stage that is not
+  ``persist: true`` before running its command, even when the command then fails at
+  once, so without persist the fix would rerun the training (or register a second model
+  version) only because its uncached outputs were gone.
+* A second ``python stages/train.py`` in the same workspace is refused with one line
+  naming the lock and the pid holding it; the lock goes with its holder, even after
+  SIGKILL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from archives import make_tar, write_imagefolder
+from test_experiments import DVC, ROOT, commit_all, init_repo, sh, tiny_params, tool_env
+
+from resnet import paths
+from resnet.lock import exclusive_lock
+
+TRAIN_LOCK = paths.MODELS / ".train.lock"  # as stages/train.py names it
+# The outputs a typo in a later section must leave as they were.
+RESULTS = [p for stage in ("train", "validate", "evaluate", "register") for p in paths.STAGE_OUTPUTS[stage]]
+
+
+def _snapshot(repo: Path) -> dict[str, tuple[int, str] | None]:
+    """Each result's mtime and content hash, None where it is missing."""
+    return {
+        str(p): ((repo / p).stat().st_mtime_ns, hashlib.sha256((repo / p).read_bytes()).hexdigest())
+        if (repo / p).is_file()
+        else None
+        for p in RESULTS
+    }
+
+
+def _rename_first_key(params_text: str, section: str) -> str:
+    """params.yaml with a typo: the first key of ``section`` misspelled (an error for every stage)."""
+    params = yaml.safe_load(params_text)
+    key = next(iter(params[section]))
+    params[section] = {(f"{key}x" if k == key else k): v for k, v in params[section].items()}
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None or not Path(DVC).exists(), reason="needs git and dvc")
+def test_a_params_typo_and_its_fix_rerun_nothing_that_had_finished(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path / "images", per_class={"train": 12, "test": 4}, size=16)
+    (tmp_path / "data-src").mkdir()
+    make_tar(tmp_path / "images", tmp_path / "data-src" / "tiny.tar.gz")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=ignore)
+    shutil.copytree(ROOT / "src", repo / "src", ignore=ignore)
+    params = tiny_params()
+    params["train"]["epochs"] = 1
+    good = yaml.safe_dump(params, sort_keys=False)
+    (repo / "params.yaml").write_text(good)
+    init_repo(repo)
+    sh(repo, DVC, "repro", timeout=900)
+    commit_all(repo, "results")
+    # The training's lock file is neither DVC's nor git's business.
+    assert (repo / TRAIN_LOCK).is_file()
+    assert "Data and pipelines are up to date" in sh(repo, DVC, "status").stdout
+    assert not sh(repo, "git", "status", "--porcelain").stdout.strip()
+    before = _snapshot(repo)
+
+    for section in ("train", "validate", "evaluate", "register"):
+        (repo / "params.yaml").write_text(_rename_first_key(good, section))
+        failed = sh(repo, DVC, "repro", check=False, timeout=900)
+        assert failed.returncode != 0 and f"Running stage '{section}'" in failed.stdout, (section, failed.stdout)
+        # The failed stage did no work, and DVC deleted none of the results.
+        assert _snapshot(repo) == before, section
+
+        (repo / "params.yaml").write_text(good)
+        fixed = sh(repo, DVC, "repro", timeout=900)
+        assert "Running stage" not in fixed.stdout, (section, fixed.stdout)
+        assert "Data and pipelines are up to date" in sh(repo, DVC, "status").stdout, section
+        assert _snapshot(repo) == before, section
+    assert not sh(repo, "git", "status", "--porcelain").stdout.strip()
+
+
+def _hold_lock(cwd: Path) -> subprocess.Popen:
+    """Another process holding the train stage's lock in ``cwd``, as a running training does."""
+    code = (
+        "import sys, time\n"
+        "from resnet.lock import exclusive_lock\n"
+        f"with exclusive_lock({str(TRAIN_LOCK)!r}, 'training'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_training_in_the_workspace_is_refused_and_the_lock_dies_with_its_holder(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    holder = _hold_lock(tmp_path)
+    try:
+        second = subprocess.run(
+            [sys.executable, str(ROOT / "stages" / "train.py")],
+            cwd=tmp_path,
+            env=tool_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 1, second.stderr
+        assert len(lines) == 1, second.stderr
+        assert str(TRAIN_LOCK) in lines[0] and f"pid {holder.pid}" in lines[0], lines[0]
+        # Refused before any work: nothing but the lock was written.
+        assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["params.yaml", "models", ".train.lock"])
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+        holder.stdout.close()
+    assert (tmp_path / TRAIN_LOCK).is_file()
+    with exclusive_lock(tmp_path / TRAIN_LOCK, "training"):
+        assert (tmp_path / TRAIN_LOCK).read_text().strip() == str(os.getpid())
