@@ -17,8 +17,14 @@ from resnet.utils import resolve_device, write_json
 
 
 def run(params: Params) -> None:
+    # run.json and its MLflow run first: nothing is evaluated or written for a broken or foreign run.
+    run_id = tracking.check_run(params, paths.RUN_FILE)["run_id"]
     ev = evaluate_checkpoint(
-        params.evaluate.checkpoint, "test", params.evaluate.batch_size, device=resolve_device(params.train.device)
+        params.evaluate.checkpoint,
+        "test",
+        params.evaluate.batch_size,
+        device=resolve_device(params.train.device),
+        run_id=run_id,
     )
     # Plots first, metrics last: a metrics/test.json on disk means the whole set was written.
     write_confusion_csv(paths.TEST_CONFUSION, ev.result, ev.classes)

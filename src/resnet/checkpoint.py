@@ -56,11 +56,24 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; run the train stage first (dvc repro train)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); delete it and rerun training (dvc repro train)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        ValueError,
+        OSError,
+        IndexError,  # a text file through the weights-only unpickler
+        KeyError,
+        TypeError,
+    ) as e:
+        first = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first}); "
             "delete it and rerun training (dvc repro train)"
         ) from e
 

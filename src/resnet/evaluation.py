@@ -427,7 +427,13 @@ def trained_with(ckpt: dict[str, Any], device: torch.device) -> tuple[str, bool]
 
 
 def evaluate_checkpoint(
-    which: str, split: str, batch_size: int, *, device: torch.device, data_dir: str | Path = PREPARED
+    which: str,
+    split: str,
+    batch_size: int,
+    *,
+    device: torch.device,
+    data_dir: str | Path = PREPARED,
+    run_id: str | None = None,
 ) -> SplitEvaluation:
     """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised, and computed, as in training.
 
@@ -452,6 +458,8 @@ def evaluate_checkpoint(
             image_size=meta.get("image_size"),
             data_source=str(data_dir / "meta.json"),
         )
+        _check_belongs_to_run(checkpoint, ckpt, run_id)
+        _check_finite_weights(checkpoint, ckpt)
         images, labels = load_split(data_dir, split)
         precision, channels_last = trained_with(ckpt, torch.device(device))
         if channels_last:
@@ -483,7 +491,37 @@ def evaluate_checkpoint(
         result.top5_accuracy,
         result.macro_f1,
     )
+    bad = {k: v for k, v in result.flat_metrics(split).items() if not np.isfinite(v)}
+    if bad:
+        raise EvaluationError(
+            f"{checkpoint} gives non-finite metrics on {split} ({_short(sorted(bad))}): the model diverged; "
+            "lower train.lr or check the data, then retrain (dvc repro train)"
+        )
     return SplitEvaluation(result, checkpoint, ckpt.get("epoch"), classes, images)
+
+
+def _check_belongs_to_run(checkpoint: Path, ckpt: dict[str, Any], run_id: str | None) -> None:
+    """A checkpoint the train stage wrote for another MLflow run than run.json's is refused."""
+    extra = ckpt.get("extra")
+    own = extra.get("run_id") if isinstance(extra, dict) else None
+    if run_id is not None and own is not None and own != run_id:
+        raise EvaluationError(
+            f"checkpoint {checkpoint} belongs to MLflow run {own}, not to run {run_id} in models/run.json; "
+            "rerun training (dvc repro -f train) so checkpoint and run.json agree"
+        )
+
+
+def _check_finite_weights(checkpoint: Path, ckpt: dict[str, Any]) -> None:
+    bad = [
+        k
+        for k, v in ckpt["model"].items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise EvaluationError(
+            f"checkpoint {checkpoint} has non-finite weights ({_short(bad)}): the training diverged; "
+            "lower train.lr or check the data, then retrain (dvc repro -f train)"
+        )
 
 
 def _short(items: list[str], limit: int = 12) -> str:

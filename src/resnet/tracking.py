@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -39,7 +40,7 @@ from resnet import preprocess
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
 from resnet.config import Params, TrackingParams, to_flat_dict
 from resnet.loader import DeviceLoader
-from resnet.utils import PipelineError, read_json, repo_root, workspace_root, write_json
+from resnet.utils import PipelineError, read_handover_json, repo_root, workspace_root, write_json
 
 __all__ = [
     "TrackingError",
@@ -48,6 +49,8 @@ __all__ = [
     "PipelineRun",
     "start_run",
     "continue_run",
+    "check_registrable",
+    "check_run",
     "ResNetClassifier",
     "log_model",
     "register_model",
@@ -267,10 +270,21 @@ def _run_status(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
 @contextlib.contextmanager
 def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
     """Continue the train stage's run (validate, evaluate, register)."""
+    saved = check_run(params, run_file)
+    with _run_status(mlflow.start_run(run_id=saved["run_id"])) as active:
+        yield PipelineRun(active.info.run_id, active.info.experiment_id, mlflow.get_tracking_uri())
+
+
+def check_run(params: Params, run_file: str | Path) -> dict[str, Any]:
+    """``run.json`` read and its MLflow run found, without starting it: validate, evaluate and
+    register call this before any work, so a broken hand-over fails before anything is written.
+    """
     run_file = Path(run_file)
     if not run_file.is_file():
         raise TrackingError(f"{run_file} not found: the train stage writes it; run `dvc repro train` first")
-    saved = read_json(run_file)
+    saved = read_handover_json(run_file, "train")
+    if not isinstance(saved.get("run_id"), str) or not saved["run_id"]:
+        raise TrackingError(f"{run_file} has no run_id: the train stage writes it; rerun it (dvc repro -f train)")
     _setup(params.tracking)
     if saved.get("tracking_uri") and saved["tracking_uri"] != mlflow.get_tracking_uri():
         log.warning(
@@ -286,8 +300,7 @@ def continue_run(params: Params, run_file: str | Path) -> Iterator[PipelineRun]:
             f"MLflow run {saved['run_id']} from {run_file} is not in {mlflow.get_tracking_uri()}; "
             "rerun the pipeline from train (dvc repro -f train)"
         ) from e
-    with _run_status(mlflow.start_run(run_id=saved["run_id"])) as active:
-        yield PipelineRun(active.info.run_id, active.info.experiment_id, mlflow.get_tracking_uri())
+    return saved
 
 
 # --------------------------------------------------------------------------- the model
@@ -433,6 +446,16 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
         ) from e
 
 
+def check_registrable(metrics: dict[str, Any], metric: str, source: str = "the test metrics") -> None:
+    """Refuse a diverged model: any non-finite metric, ``metric`` (the one register compares) included."""
+    fix = (
+        "the model diverged; fix the training (e.g. lower train.lr or set train.grad_clip) and rerun (dvc repro train)"
+    )
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isfinite(v))
+    if bad:
+        raise TrackingError(f"{source} has non-finite {', '.join(bad)}: not registered; {fix}")
+
+
 def register_model(
     run: PipelineRun, model_uri: str, name: str, metric: str, metrics: dict[str, float]
 ) -> dict[str, Any]:
@@ -441,6 +464,7 @@ def register_model(
     Otherwise the new version gets the alias ``challenger``. The champion keeps its
     alias on a tie: a model must be better, not equal, to replace it.
     """
+    check_registrable(metrics, metric)
     client = MlflowClient()
     _ensure_registered_model(client, name)
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in metrics.items()})

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_dir",
     "write_json",
     "read_json",
+    "read_handover_json",
     "flatten",
     "setup_logging",
     "seed_everything",
@@ -95,6 +96,24 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_handover_json(path: str | Path, stage: str) -> dict[str, Any]:
+    """A JSON object one stage hands another; missing, garbage or not an object is one PipelineError.
+
+    The message names the file and the stage that writes it (``dvc repro -f <stage>``).
+    """
+    path = Path(path)
+    fix = f"the {stage} stage writes it; rerun it (dvc repro -f {stage})"
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PipelineError(f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:120]}): {fix}") from e
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} holds a {type(data).__name__}, not a JSON object: {fix}")
+    return data
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

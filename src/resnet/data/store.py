@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from resnet.data.errors import DataError
-from resnet.utils import read_json
+from resnet.utils import PipelineError, read_handover_json
 
 __all__ = ["SPLITS", "save_npz", "load_split", "load_meta"]
 
@@ -56,4 +56,7 @@ def load_meta(prepared_dir: str | Path) -> dict[str, Any]:
     path = Path(prepared_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{path} not found; run the split stage first (`dvc repro split`)")
-    return read_json(path)
+    try:
+        return read_handover_json(path, "split")
+    except PipelineError as e:
+        raise DataError(str(e)) from e
