@@ -443,61 +443,57 @@ def evaluate_checkpoint(
     Raises CheckpointError, EvaluationError or resnet.data.errors.DataError with a message
     that names the bad file or value and the fix.
     """
-    from resnet.data.store import load_meta, load_split
-    from resnet.loader import DeviceLoader
-
-    data_dir = Path(data_dir)
-    checkpoint = CHECKPOINTS[which]
-    meta = load_meta(data_dir)
+    data_dir, checkpoint = Path(data_dir), CHECKPOINTS[which]
     try:
-        classes = list(meta["classes"])
-        model, ckpt = load_model_for_data(
-            checkpoint,
-            classes,
-            channels=meta.get("channels"),
-            image_size=meta.get("image_size"),
-            data_source=str(data_dir / "meta.json"),
-        )
-        _check_belongs_to_run(checkpoint, ckpt, run_id)
-        _check_finite_weights(checkpoint, ckpt)
-        images, labels = load_split(data_dir, split)
-        precision, channels_last = trained_with(ckpt, torch.device(device))
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        # The checkpoint's statistics, not recomputed ones: exactly what the model saw in training.
-        loader = DeviceLoader(
-            images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device, channels_last=channels_last
+        model, ckpt, classes, images, loader, precision = _load_for_split(
+            checkpoint, data_dir, split, batch_size, device, run_id
         )
     except (KeyError, ValueError) as e:
         if isinstance(e, EvaluationError):
             raise
         raise EvaluationError(f"cannot evaluate {checkpoint} on {data_dir}/{split}: {e}") from e
+    n, epoch = len(images), ckpt.get("epoch")
     log.info(
-        "evaluating %s (epoch %s) on %d %s images on %s, precision %s",
-        checkpoint,
-        ckpt.get("epoch"),
-        len(labels),
-        split,
-        device,
-        precision,
+        "evaluating %s (epoch %s) on %d %s images on %s, precision %s", checkpoint, epoch, n, split, device, precision
     )
     result = evaluate(model, loader, len(classes), device=device, precision=precision)
-    log.info(
-        "%s: loss %.4f, accuracy %.4f, top-%d %.4f, macro F1 %.4f",
-        split,
-        result.loss,
-        result.accuracy,
-        result.topk,
-        result.top5_accuracy,
-        result.macro_f1,
-    )
+    log.info("%s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in result.flat_metrics().items()))
     bad = {k: v for k, v in result.flat_metrics(split).items() if not np.isfinite(v)}
     if bad:
         raise EvaluationError(
             f"{checkpoint} gives non-finite metrics on {split} ({_short(sorted(bad))}): the model diverged; "
             "lower train.lr or check the data, then retrain (dvc repro train)"
         )
-    return SplitEvaluation(result, checkpoint, ckpt.get("epoch"), classes, images)
+    return SplitEvaluation(result, checkpoint, epoch, classes, images)
+
+
+def _load_for_split(
+    checkpoint: Path, data_dir: Path, split: str, batch_size: int, device: torch.device, run_id: str | None
+) -> tuple[ResNet, dict[str, Any], list[str], np.ndarray, Any, str]:
+    """The checkpoint's model (checked against the data and the run) and a loader over the split, as in training."""
+    from resnet.data.store import load_meta, load_split
+    from resnet.loader import DeviceLoader
+
+    meta = load_meta(data_dir)
+    classes = list(meta["classes"])
+    model, ckpt = load_model_for_data(
+        checkpoint,
+        classes,
+        channels=meta.get("channels"),
+        image_size=meta.get("image_size"),
+        data_source=str(data_dir / "meta.json"),
+    )
+    _check_belongs_to_run(checkpoint, ckpt, run_id)
+    _check_finite_weights(checkpoint, ckpt)
+    images, labels = load_split(data_dir, split)
+    precision, channels_last = trained_with(ckpt, torch.device(device))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The checkpoint's statistics, not recomputed ones: exactly what the model saw in training.
+    loader = DeviceLoader(
+        images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device, channels_last=channels_last
+    )
+    return model, ckpt, classes, images, loader, precision
 
 
 def _check_belongs_to_run(checkpoint: Path, ckpt: dict[str, Any], run_id: str | None) -> None:
