@@ -10,7 +10,7 @@ import sys
 
 from resnet import paths, tracking
 from resnet.config import Params
-from resnet.evaluation import evaluate_checkpoint
+from resnet.evaluation import SplitEvaluation, evaluate_checkpoint
 from resnet.plots import plot_confusion_matrix, plot_misclassified, write_confusion_csv, write_per_class_csv
 from resnet.stage import run_stage
 from resnet.utils import resolve_device, write_json
@@ -18,29 +18,15 @@ from resnet.utils import resolve_device, write_json
 
 def run(params: Params) -> None:
     # run.json and its MLflow run first: nothing is evaluated or written for a broken or foreign run.
-    run_id = tracking.check_run(params, paths.RUN_FILE)["run_id"]
-    ev = evaluate_checkpoint(
-        params.evaluate.checkpoint,
-        "test",
-        params.evaluate.batch_size,
-        device=resolve_device(params.train.device),
-        run_id=run_id,
-    )
-    # Plots first, metrics last: a metrics/test.json on disk means the whole set was written.
-    write_confusion_csv(paths.TEST_CONFUSION, ev.result, ev.classes)
-    write_per_class_csv(paths.TEST_PER_CLASS, ev.result, ev.classes)
-    plot_confusion_matrix(
-        paths.TEST_CONFUSION_PNG,
-        ev.result.confusion,
-        ev.classes,
-        title=f"Test confusion matrix ({ev.checkpoint.name}), accuracy {ev.result.accuracy:.2%}",
-    )
-    plot_misclassified(
-        paths.TEST_MISCLASSIFIED_PNG, ev.images, ev.result, ev.classes, limit=params.evaluate.misclassified_examples
-    )
-    write_json(paths.TEST_METRICS, ev.metrics("test"))
-
-    with tracking.continue_run(params, paths.RUN_FILE) as mlrun:
+    with tracking.continue_run(params, paths.RUN_FILE, "evaluate") as mlrun:
+        ev = evaluate_checkpoint(
+            params.evaluate.checkpoint,
+            "test",
+            params.evaluate.batch_size,
+            device=resolve_device(params.train.device),
+            run_id=mlrun.run_id,
+        )
+        _write_results(ev, params.evaluate.misclassified_examples)
         mlrun.log_metrics(ev.result.flat_metrics("test"))
         mlrun.log_artifacts(
             [
@@ -52,6 +38,20 @@ def run(params: Params) -> None:
             ],
             artifact_path="test",
         )
+
+
+def _write_results(ev: SplitEvaluation, misclassified_examples: int) -> None:
+    # Plots first, metrics last: a metrics/test.json on disk means the whole set was written.
+    write_confusion_csv(paths.TEST_CONFUSION, ev.result, ev.classes)
+    write_per_class_csv(paths.TEST_PER_CLASS, ev.result, ev.classes)
+    plot_confusion_matrix(
+        paths.TEST_CONFUSION_PNG,
+        ev.result.confusion,
+        ev.classes,
+        title=f"Test confusion matrix ({ev.checkpoint.name}), accuracy {ev.result.accuracy:.2%}",
+    )
+    plot_misclassified(paths.TEST_MISCLASSIFIED_PNG, ev.images, ev.result, ev.classes, limit=misclassified_examples)
+    write_json(paths.TEST_METRICS, ev.metrics("test"))
 
 
 def main() -> int:

@@ -1,7 +1,10 @@
 """DVC stage `register`: log the evaluated model to the pipeline's MLflow run and register it.
 
-The new version gets the alias `champion` only if it beats the current champion on
-register.metric; otherwise `challenger`. What happened goes to metrics/register.json.
+Refused, before anything is registered, for a model with non-finite test metrics or
+(register.refuse_at_chance) one no better than chance. The champion is the best
+registered version on register.metric (see resnet.tracking.registry); a new version
+that is not the champion is the `challenger`. What happened goes to
+metrics/register.json; a rerun for the same run and checkpoint registers nothing twice.
 """
 
 import logging
@@ -12,6 +15,7 @@ from resnet import paths, tracking
 from resnet.checkpoint import load_checkpoint
 from resnet.config import ConfigError, Params
 from resnet.data.store import load_split
+from resnet.evaluation import check_belongs_to_run
 from resnet.stage import run_stage
 from resnet.utils import PipelineError, read_handover_json, write_json
 
@@ -19,36 +23,35 @@ log = logging.getLogger("stages.register")
 
 
 def run(params: Params) -> None:
+    rp = params.register
     test = read_handover_json(paths.TEST_METRICS, "evaluate")
     metrics = {k: v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if params.register.metric not in metrics:
+    if rp.metric not in metrics:
         raise ConfigError(
-            f"register.metric: {params.register.metric!r} is not in {paths.TEST_METRICS} "
+            f"register.metric: {rp.metric!r} is not in {paths.TEST_METRICS} "
             f"(it has {sorted(metrics)}); rerun the evaluate stage"
         )
-    if not isinstance(test.get("checkpoint"), str):
-        raise PipelineError(
-            f"{paths.TEST_METRICS} names no checkpoint: rerun the evaluate stage (dvc repro -f evaluate)"
-        )
-    tracking.check_registrable(metrics, params.register.metric, str(paths.TEST_METRICS))
-    # Register exactly the checkpoint the evaluate stage measured, if it belongs to run.json's run.
-    checkpoint = Path(test["checkpoint"])
-    run_id = tracking.check_run(params, paths.RUN_FILE)["run_id"]
-    extra = load_checkpoint(checkpoint).get("extra")
-    own = extra.get("run_id") if isinstance(extra, dict) else None
-    if own is not None and own != run_id:
-        raise PipelineError(
-            f"checkpoint {checkpoint} belongs to MLflow run {own}, not to run {run_id} in {paths.RUN_FILE}; "
-            "rerun training (dvc repro -f train)"
-        )
-    example, _ = load_split(paths.PREPARED, "test")
-    with tracking.continue_run(params, paths.RUN_FILE) as mlrun:
-        model_uri = tracking.log_model(mlrun, checkpoint, example[:2])
-        result = tracking.register_model(mlrun, model_uri, params.register.model_name, params.register.metric, metrics)
+    for key, kind in (("checkpoint", str), ("chance_accuracy", float), ("num_images", int)):
+        if not isinstance(test.get(key), kind):
+            raise PipelineError(
+                f"{paths.TEST_METRICS} has no {key}: rerun the evaluate stage (dvc repro -f evaluate)"
+            )
+    # From here on a refusal is about this run's model: it is recorded on the run too.
+    with tracking.continue_run(params, paths.RUN_FILE, "register") as mlrun:
+        tracking.check_registrable(metrics, rp.metric, str(paths.TEST_METRICS))
+        if rp.refuse_at_chance:
+            tracking.check_above_chance(
+                test["test_accuracy"], test["chance_accuracy"], test["num_images"], str(paths.TEST_METRICS)
+            )
+        # Register exactly the checkpoint the evaluate stage measured, if it belongs to run.json's run.
+        checkpoint = Path(test["checkpoint"])
+        check_belongs_to_run(checkpoint, load_checkpoint(checkpoint), mlrun.run_id)
+        example, _ = load_split(paths.PREPARED, "test")
+        result = tracking.register_checkpoint(mlrun, checkpoint, example[:2], rp.model_name, rp.metric, metrics)
         mlrun.set_tags(
             {"registered_model": f"{result['model_name']}/{result['version']}", "registered_alias": result["alias"]}
         )
-    write_json(paths.REGISTER_RESULT, result)
+        write_json(paths.REGISTER_RESULT, result)
     log.info("models:/%s@%s is version %s", result["model_name"], result["alias"], result["version"])
 
 

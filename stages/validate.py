@@ -18,20 +18,19 @@ from resnet.utils import resolve_device, write_json
 
 def run(params: Params) -> None:
     # run.json and its MLflow run first: nothing is evaluated or written for a broken or foreign run.
-    run_id = tracking.check_run(params, paths.RUN_FILE)["run_id"]
-    ev = evaluate_checkpoint(
-        params.validate.checkpoint,
-        "val",
-        params.validate.batch_size,
-        device=resolve_device(params.train.device),
-        run_id=run_id,
-    )
-    # Metrics last: a metrics/val.json on disk means the whole set was written.
-    write_confusion_csv(paths.VAL_CONFUSION, ev.result, ev.classes)
-    write_per_class_csv(paths.VAL_PER_CLASS, ev.result, ev.classes)
-    write_json(paths.VAL_METRICS, ev.metrics("val"))
-
-    with tracking.continue_run(params, paths.RUN_FILE) as mlrun:
+    # Inside the run, a failure is recorded on it (pipeline.failure) as well as logged here.
+    with tracking.continue_run(params, paths.RUN_FILE, "validate") as mlrun:
+        ev = evaluate_checkpoint(
+            params.validate.checkpoint,
+            "val",
+            params.validate.batch_size,
+            device=resolve_device(params.train.device),
+            run_id=mlrun.run_id,
+        )
+        # Metrics last: a metrics/val.json on disk means the whole set was written.
+        write_confusion_csv(paths.VAL_CONFUSION, ev.result, ev.classes)
+        write_per_class_csv(paths.VAL_PER_CLASS, ev.result, ev.classes)
+        write_json(paths.VAL_METRICS, ev.metrics("val"))
         # step = the checkpoint's epoch, so the point sits on training's val curves.
         mlrun.log_metrics(ev.result.flat_metrics("val"), step=ev.epoch)
         mlrun.log_artifacts([paths.VAL_METRICS, paths.VAL_CONFUSION, paths.VAL_PER_CLASS], artifact_path="val")

@@ -30,6 +30,7 @@ from torch import nn
 
 from resnet import paths, tracking
 from resnet.checkpoint import save_checkpoint
+from resnet.data.store import load_split
 from resnet.evaluation import (
     EvalResult,
     EvaluationError,
@@ -354,9 +355,11 @@ CLASSES = ["plane", "car", "bird", "cat", "deer", "dog"]
 N_VAL, N_TEST = 14, 23
 
 
-def _checkpoint_state(classes: list[str], seed: int, epoch: int) -> dict:
+def _checkpoint_state(classes: list[str], seed: int, epoch: int, run_id: str | None = None) -> dict:
+    """A tiny model's checkpoint; ``run_id``: the MLflow run the train stage would record in it."""
     model = _tiny_model(len(classes), seed=seed)
     return {
+        **({"extra": {"run_id": run_id}} if run_id else {}),
         "arch": {
             "name": "resnet20",
             "num_classes": len(classes),
@@ -416,13 +419,18 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "source_sha256": "0" * 64,
     }
     (tmp_path / paths.META).write_text(json.dumps(meta))
-    save_checkpoint(tmp_path / paths.BEST_CHECKPOINT, _checkpoint_state(CLASSES, seed=0, epoch=3))
-    save_checkpoint(tmp_path / paths.LAST_CHECKPOINT, _checkpoint_state(CLASSES, seed=1, epoch=5))
     # The MLflow run the train stage would have created, in a SQLite store in tmp_path.
     subprocess.run(["git", "init", "-q"], check=True)
-    with tracking.start_run(repo_params(), meta, "cpu", paths.RUN_FILE):
+    with tracking.start_run(repo_params(), meta, "cpu", paths.RUN_FILE) as run:
         pass
+    save_checkpoint(tmp_path / paths.BEST_CHECKPOINT, _checkpoint_state(CLASSES, 0, 3, run.run_id))
+    save_checkpoint(tmp_path / paths.LAST_CHECKPOINT, _checkpoint_state(CLASSES, 1, 5, run.run_id))
     return tmp_path
+
+
+def workspace_run_id() -> str:
+    """The MLflow run of the ``workspace`` fixture (models/run.json's)."""
+    return json.loads(paths.RUN_FILE.read_text())["run_id"]
 
 
 def _run_data() -> mlflow.entities.RunData:
@@ -472,7 +480,17 @@ def test_validate_stage(workspace: Path, monkeypatch: pytest.MonkeyPatch, choice
     for path in _declared_outputs("validate"):
         assert path.is_file(), f"dvc.yaml declares {path} but the stage did not write it"
     metrics = json.loads(paths.VAL_METRICS.read_text())
-    assert list(metrics) == [f"val_{k}" for k in SCALARS] + ["checkpoint", "epoch", "num_images", "num_classes", "topk"]
+    assert list(metrics) == [f"val_{k}" for k in SCALARS] + [
+        "checkpoint",
+        "epoch",
+        "num_images",
+        "num_classes",
+        "chance_accuracy",
+        "topk",
+    ]
+    # The commonest class's share of the split: what a model that learned nothing scores.
+    _, labels = load_split(paths.PREPARED, "val")
+    assert metrics["chance_accuracy"] == pytest.approx(np.bincount(labels).max() / len(labels))
     assert metrics["checkpoint"] == f"models/{choice}.pt"
     assert metrics["epoch"] == epoch
     assert metrics["num_images"] == N_VAL
@@ -537,7 +555,7 @@ def test_mismatched_classes_fail_clearly(
     workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stage: str
 ) -> None:
     other = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
-    save_checkpoint(paths.BEST_CHECKPOINT, _checkpoint_state(other, seed=0, epoch=3))
+    save_checkpoint(paths.BEST_CHECKPOINT, _checkpoint_state(other, 0, 3, workspace_run_id()))
     assert _stage(stage, monkeypatch).main() == 1
     message = caplog.text
     assert "models/best.pt was trained on classes" in message

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_evaluation import REPO, _checkpoint_state, _output_files, _stage
+from test_evaluation import REPO, _checkpoint_state, _output_files, _stage, workspace_run_id
 from test_evaluation import workspace as workspace  # noqa: F401  (the fixture)
 
 from resnet import paths
@@ -35,7 +35,7 @@ def _one_line_error(caplog: pytest.LogCaptureFixture, *needles: str) -> None:
 
 
 def _nan_weights_state() -> dict:
-    state = _checkpoint_state(CLASSES, seed=0, epoch=3)
+    state = _checkpoint_state(CLASSES, 0, 3, workspace_run_id())
     state["model"]["fc.weight"][0, 0] = float("nan")
     return state
 
@@ -62,6 +62,7 @@ def _test_json(**metrics: float) -> None:
         "epoch": 3,
         "num_images": 23,
         "num_classes": len(CLASSES),
+        "chance_accuracy": 4 / 23,
         "topk": 5,
     }
     values.update(metrics)
@@ -146,20 +147,23 @@ def test_empty_or_text_checkpoint_is_one_line(
 
 
 @pytest.mark.parametrize("stage", ["validate", "evaluate", "register"])
-def test_checkpoint_of_another_run_is_refused(
+@pytest.mark.parametrize(("owner", "needle"), [("0" * 32, "0" * 32), (None, "records no MLflow run")])
+def test_checkpoint_of_another_run_or_of_none_is_refused(
     workspace: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     stage: str,
+    owner: str | None,
+    needle: str,
 ) -> None:
-    state = _checkpoint_state(CLASSES, seed=0, epoch=3)
-    state["extra"] = {"run_id": "0" * 32}
-    save_checkpoint(paths.BEST_CHECKPOINT, state)
+    """A checkpoint another run wrote, or one that names no run (not the train stage's), is not evaluated
+    or registered into run.json's run."""
+    save_checkpoint(paths.BEST_CHECKPOINT, _checkpoint_state(CLASSES, 0, 3, owner))
     if stage == "register":
         _test_json()
     before = _output_files(workspace)
     assert _stage(stage, monkeypatch).main() == 1
-    _one_line_error(caplog, "models/best.pt", "0" * 32, "dvc repro -f train")
+    _one_line_error(caplog, "models/best.pt", needle, "dvc repro -f train")
     assert _output_files(workspace) == before
 
 

@@ -82,7 +82,7 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
     saved = json.loads(Path("models/run.json").read_text())
     assert saved["run_id"] == run.run_id and saved["tracking_uri"].endswith(f"{repo.resolve()}/mlflow.db")
 
-    with tracking.continue_run(params, "models/run.json") as cont:
+    with tracking.continue_run(params, "models/run.json", "register") as cont:
         cont.log_metrics({"test_accuracy": 0.5, "note": "ignored"})
     assert cont.run_id == run.run_id
 
@@ -119,7 +119,7 @@ def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
 def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:
     with (
         pytest.raises(tracking.TrackingError, match="dvc repro train"),
-        tracking.continue_run(repo_params(), "models/run.json"),
+        tracking.continue_run(repo_params(), "models/run.json", "validate"),
     ):
         pass
 
@@ -130,7 +130,7 @@ def test_registry_champion_moves_only_when_better(repo: Path) -> None:
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
     results = []
-    with tracking.continue_run(params, "models/run.json") as run:
+    with tracking.continue_run(params, "models/run.json", "register") as run:
         uri = tracking.log_model(run, "models/best.pt", _images())
         for acc in (0.50, 0.40, 0.50, 0.60):
             results.append(tracking.register_model(run, uri, "tiny", "test_accuracy", {"test_accuracy": acc}))
@@ -161,7 +161,7 @@ def test_registration_tolerates_only_an_existing_model(
     _checkpoint(Path("models/best.pt"))
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
-    with tracking.continue_run(params, "models/run.json") as run:
+    with tracking.continue_run(params, "models/run.json", "register") as run:
         uri = tracking.log_model(run, "models/best.pt", _images())
         MlflowClient().create_registered_model("tiny")
 
@@ -183,7 +183,7 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
     images = _images(8)
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
-    with tracking.continue_run(params, "models/run.json") as run:
+    with tracking.continue_run(params, "models/run.json", "register") as run:
         uri = tracking.log_model(run, "models/best.pt", images)
         tracking.register_model(run, uri, "tiny", "test_accuracy", {"test_accuracy": 0.5})
 
@@ -318,7 +318,7 @@ def test_pyfunc_takes_any_size_and_grayscale_exactly_as_training_does(repo: Path
     params = repo_params()
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
-    with tracking.continue_run(params, "models/run.json") as run:
+    with tracking.continue_run(params, "models/run.json", "register") as run:
         uri = tracking.log_model(run, "models/best.pt", split_pixels)
 
     loaded = mlflow.pyfunc.load_model(uri)

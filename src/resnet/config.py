@@ -181,6 +181,8 @@ class RegisterParams:
     model_name: str = _opt()
     # Test metric that decides whether the new version becomes the champion.
     metric: str = _opt(choices=("test_accuracy", "test_top5_accuracy"))
+    # Refuse to register a model whose test accuracy is not significantly above chance.
+    refuse_at_chance: bool = _opt()
 
 
 @dataclass

@@ -44,6 +44,7 @@ __all__ = [
     "SplitEvaluation",
     "trained_with",
     "evaluate_checkpoint",
+    "check_belongs_to_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,12 @@ class EvalResult:
     @property
     def num_classes(self) -> int:
         return int(self.confusion.shape[0])
+
+    @property
+    def chance_accuracy(self) -> float:
+        """The commonest actual class's share of the images (0.0 for none)."""
+        total = int(self.support.sum())
+        return float(self.support.max() / total) if total else 0.0
 
     @property
     def macro_precision(self) -> float:
@@ -413,6 +420,8 @@ class SplitEvaluation:
             "epoch": self.epoch,
             "num_images": self.result.num_images,
             "num_classes": self.result.num_classes,
+            # The accuracy of always answering the split's commonest class: what "learned nothing" scores.
+            "chance_accuracy": self.result.chance_accuracy,
             "topk": self.result.topk,
         }
 
@@ -483,7 +492,7 @@ def _load_for_split(
         image_size=meta.get("image_size"),
         data_source=str(data_dir / "meta.json"),
     )
-    _check_belongs_to_run(checkpoint, ckpt, run_id)
+    check_belongs_to_run(checkpoint, ckpt, run_id)
     _check_finite_weights(checkpoint, ckpt)
     images, labels = load_split(data_dir, split)
     precision, channels_last = trained_with(ckpt, torch.device(device))
@@ -496,11 +505,21 @@ def _load_for_split(
     return model, ckpt, classes, images, loader, precision
 
 
-def _check_belongs_to_run(checkpoint: Path, ckpt: dict[str, Any], run_id: str | None) -> None:
-    """A checkpoint the train stage wrote for another MLflow run than run.json's is refused."""
+def check_belongs_to_run(checkpoint: Path, ckpt: dict[str, Any], run_id: str | None) -> None:
+    """Refuse a checkpoint that the train stage did not write for MLflow run ``run_id`` (run.json's run).
+
+    ``run_id`` None: no run to check against (evaluation outside the pipeline).
+    """
+    if run_id is None:
+        return
     extra = ckpt.get("extra")
     own = extra.get("run_id") if isinstance(extra, dict) else None
-    if run_id is not None and own is not None and own != run_id:
+    if own is None:
+        raise EvaluationError(
+            f"checkpoint {checkpoint} records no MLflow run, so it was not written by the train stage of run "
+            f"{run_id} in models/run.json; rerun training (dvc repro -f train)"
+        )
+    if own != run_id:
         raise EvaluationError(
             f"checkpoint {checkpoint} belongs to MLflow run {own}, not to run {run_id} in models/run.json; "
             "rerun training (dvc repro -f train) so checkpoint and run.json agree"

@@ -28,7 +28,9 @@ Design notes:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -403,6 +405,27 @@ class Trainer:
         result = evaluate(self.parts.model, self.val_loader, len(self.meta["classes"]), precision=self.precision)
         return {"val_loss": result.loss, "val_accuracy": result.accuracy}
 
+    def check_diverged(self, epoch: int, val: dict[str, float]) -> None:
+        """Stop before a diverged epoch is saved: non-finite weights or validation loss.
+
+        The per-step check sees the training loss only; a blow-up in the last steps, or in
+        BatchNorm's running statistics, shows here first.
+        """
+        model = self.parts.model
+        tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+        bad = [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        loss = val.get("val_loss")
+        if not bad and (loss is None or math.isfinite(loss)):
+            return
+        what = f"validation loss {loss}" if loss is not None and not math.isfinite(loss) else ""
+        if bad:
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            what = f"{what}{' and ' if what else ''}non-finite weights ({shown})"
+        raise TrainingError(
+            f"the model diverged in epoch {epoch + 1}: {what}; the epoch was not saved. Change the recipe "
+            "(lower train.lr, set train.grad_clip) and rerun (dvc repro train)"
+        )
+
     def checkpoint(self, state: TrainState) -> dict[str, Any]:
         """Everything to rebuild the model (see resnet.checkpoint) and to resume the run (see resnet.resume)."""
         meta = self.meta
@@ -497,6 +520,7 @@ def fit(
         t0 = time.perf_counter()
         train = trainer.train_epoch(epoch)
         val = trainer.validate() if trainer.validation_due(epoch) else {}
+        trainer.check_diverged(epoch, val)
         improved = bool(val) and trainer.stopping.update(state, val, epoch + 1)
         state.record(epoch_metrics(epoch, train, val, time.perf_counter() - t0))
         trainer.save(state, improved)  # before the callback: an interrupt from here on loses nothing
