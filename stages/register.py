@@ -33,9 +33,7 @@ def run(params: Params) -> None:
         )
     for key, kind in (("checkpoint", str), ("chance_accuracy", float), ("num_images", int)):
         if not isinstance(test.get(key), kind):
-            raise PipelineError(
-                f"{paths.TEST_METRICS} has no {key}: rerun the evaluate stage (dvc repro -f evaluate)"
-            )
+            raise PipelineError(f"{paths.TEST_METRICS} has no {key}: rerun the evaluate stage (dvc repro -f evaluate)")
     # From here on a refusal is about this run's model: it is recorded on the run too.
     with tracking.continue_run(params, paths.RUN_FILE, "register") as mlrun:
         tracking.check_registrable(metrics, rp.metric, str(paths.TEST_METRICS))

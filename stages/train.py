@@ -1,7 +1,8 @@
 """DVC stage `train`: data/prepared -> models/{best,last}.pt, models/run.json, metrics and history.
 
 Rerunning after an interruption resumes from models/last.pt when it belongs to the
-same params and data and did not finish (resnet.resume.find_resume_checkpoint).
+same params and data; a training that had finished with the same code too is not
+redone, only its outputs and MLflow run completed (resnet.resume.find_resume_checkpoint).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from resnet.config import Params
 from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
 from resnet.lock import exclusive_lock
-from resnet.resume import find_resume_checkpoint
+from resnet.resume import code_digest, find_resume_checkpoint
 from resnet.runtime import configure_torch, keep_freed_memory
 from resnet.stage import run_stage
 from resnet.training import HISTORY_FIELDS, TrainResult, fit
@@ -75,7 +76,8 @@ def _train(params: Params) -> None:
     norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
     train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed, **norm)
     val_loader = DeviceLoader(val_x, val_y, tp.batch_size, train=False, **norm)
-    resume = find_resume_checkpoint(params, meta, paths.MODELS)
+    code = code_digest(__file__)
+    resume = find_resume_checkpoint(params, meta, paths.MODELS, code)
 
     # A resumed training logs into the MLflow run of the interrupted one.
     run_id = (resume or {}).get("extra", {}).get("run_id")
@@ -91,7 +93,7 @@ def _train(params: Params) -> None:
             val_loader,
             paths.MODELS,
             resume=resume,
-            extra={"run_id": mlrun.run_id},
+            extra={"run_id": mlrun.run_id, "code": code},
             on_epoch=mlrun.log_epoch,
         )
         summary = _summary(result)

@@ -46,7 +46,7 @@ from resnet.config import ConfigError, DataParams, parse_params
 from resnet.data import archives, tar_reader
 from resnet.data import decode as decode_module
 from resnet.data.archives import iter_archive
-from resnet.data.datasets import OFFICIAL_ARCHIVES, imagefolder_layout
+from resnet.data.datasets import OFFICIAL_ARCHIVES, imagefolder_layout, read_imagefolder
 from resnet.data.errors import DataError
 from resnet.data.sources import download
 from resnet.data.split import prepare, stratified_split
@@ -277,10 +277,14 @@ def test_both_tar_readers_agree_on_long_names_links_and_folders_in_every_format(
             ("train/cat/link.png", "link", None, "train/cat/a.png"),
         ]
     )
+    folders = sorted(["train/", f"train/{'c' * 60}/", f"train/{'c' * 60}/{'d' * 70}/", "train/cat/"])
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
         arc = make_tar(src, tmp_path / f"t{fmt}.tar.gz", fmt=fmt)
         for reader, entries in both_tar_readers(arc).items():
             assert sorted((e.name, e.kind, e.data, e.target) for e in entries) == expected, reader
+        fmt_name = archives._archive_format(arc)
+        for entries in (archives._iter_tar(arc, fmt_name, False, folders=True), iter_archive(arc, folders=True)):
+            assert sorted(e.name for e in entries if e.kind == "dir") == folders
 
 
 def test_git_archive_style_global_header_stays_on_the_hand_written_reader(tmp_path, monkeypatch):
@@ -299,14 +303,17 @@ def test_fallback_to_tarfile_hands_out_each_member_once(monkeypatch, tiny_imagef
     expected = [(e.name, e.data) for e in archives._iter_tarfile(tiny_imagefolder_tgz, True)]
     real = archives._iter_tar
 
-    def gives_up_midway(path, fmt, read_data):
-        for i, entry in enumerate(real(path, fmt, read_data)):
+    def gives_up_midway(path, fmt, read_data, **kw):
+        for i, entry in enumerate(real(path, fmt, read_data, **kw)):
             if i == 5:
                 raise tar_reader.Unsupported("test")
             yield entry
 
     monkeypatch.setattr(archives, "_iter_tar", gives_up_midway)
     assert [(e.name, e.data) for e in iter_archive(tiny_imagefolder_tgz)] == expected
+    with_folders = [(e.name, e.kind) for e in archives._iter_tarfile(tiny_imagefolder_tgz, False, folders=True)]
+    assert [(e.name, e.kind) for e in iter_archive(tiny_imagefolder_tgz, folders=True)] == with_folders
+    assert ("tiny/train/cat/", "dir") in with_folders
 
 
 def _tar_with_bad_third_member(tmp_path: Path, damage: str) -> Path:
@@ -571,6 +578,32 @@ def test_an_empty_class_folder_entry_is_named():
     assert prefix == "data/" and layout == {"train": names[:3]}
 
 
+@pytest.mark.parametrize("form", ["tar.gz", "zip", "folder"])
+def test_an_empty_class_folder_is_named_in_every_source_form(tmp_path, form):
+    """An empty folder is only a folder entry in a tar or zip, and nothing at all in a copy of files only."""
+    src = tmp_path / "src"
+    write_imagefolder(src, per_class={"train": 3})
+    (src / "train" / "bird").mkdir()
+    if form == "tar.gz":
+        source = make_tar(src, tmp_path / "x.tar.gz")
+    else:
+        source = make_zip(src, tmp_path / "x.zip") if form == "zip" else src
+    message = r"class folder\(s\) \['train/bird/'\] hold no images"
+    with pytest.raises(DataError, match=message):
+        download(folder_params(source), tmp_path / "out" / "raw")
+    assert leftovers(tmp_path / "out") == []
+    with pytest.raises(DataError, match=message):  # the split stage's reader, on a copy in data/raw
+        read_imagefolder(source)
+
+
+def test_a_fifo_inside_a_folder_source_is_refused_not_read(tmp_path):
+    write_imagefolder(tmp_path / "src", per_class={"train": 2})
+    os.mkfifo(tmp_path / "src" / "train" / "cat" / "pipe.png")  # reading it would block for ever
+    with pytest.raises(DataError, match=r"refused 'train/cat/pipe.png': device file, fifo or socket"):
+        download(folder_params(tmp_path / "src"), tmp_path / "out" / "raw")
+    assert leftovers(tmp_path / "out") == []
+
+
 def test_a_one_class_dataset_is_refused(tmp_path):
     write_imagefolder(tmp_path / "src", classes=("cat",), per_class={"train": 10})
     with pytest.raises(DataError, match=r"1 class\(es\) \['cat'\]; a classifier needs at least 2"):
@@ -690,7 +723,7 @@ def test_split_refuses_a_modified_raw_copy(tmp_path, tiny_imagefolder_tgz):
 def test_missing_source_and_prepared_files_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="not found.*path of the archive"):
         download(folder_params(tmp_path / "nope.tar.gz"), tmp_path / "raw")
-    with pytest.raises(DataError, match="dvc repro download"):
+    with pytest.raises(DataError, match=r"source.json not found.*dvc repro -f download"):
         prepare(tmp_path / "raw", tmp_path / "prepared", data_params())
     with pytest.raises(DataError, match="dvc repro split"):
         load_split(tmp_path, "train")
@@ -698,6 +731,42 @@ def test_missing_source_and_prepared_files_name_the_fix(tmp_path):
         load_meta(tmp_path)
     with pytest.raises(DataError, match="unknown split"):
         load_split(tmp_path, "training")
+
+
+SOURCE_RECORD_DAMAGE = {
+    "garbage": "{not json",
+    "missing": None,
+    "a JSON list": "[1, 2]",
+    "no path field": {"path": ...},
+    "a path out of data/raw": {"path": "../prepared"},
+    "an unknown kind": {"kind": "torrent"},
+}
+
+
+@pytest.mark.parametrize("damage", list(SOURCE_RECORD_DAMAGE))
+def test_a_broken_source_json_stops_the_split_stage_in_one_line(tmp_path, tiny_imagefolder_tgz, damage):
+    source = str(tiny_imagefolder_tgz)
+    write_raw_params(tmp_path / "params.yaml", dataset="imagefolder", source=source, val_fraction=0.2)
+    raw, prepared = tmp_path / "data" / "raw", tmp_path / "data" / "prepared"
+    run_stages(tiny_imagefolder_tgz, tmp_path / "data", val_fraction=0.2)
+    record = raw / "source.json"
+    change = SOURCE_RECORD_DAMAGE[damage]
+    if change is None:
+        record.unlink()
+    elif isinstance(change, str):
+        record.write_text(change)
+    else:
+        fields = {k: v for k, v in {**json.loads(record.read_text()), **change}.items() if v is not ...}
+        record.write_text(json.dumps(fields))
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+
+    r = stage("split.py", tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1, r.stderr
+    assert "data/raw/source.json" in errors[0] and "dvc repro -f download" in errors[0], errors[0]
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+    assert leftovers(tmp_path / "data") == ["prepared", "raw"]
 
 
 # --------------------------------------------------------------------------- network (127.0.0.1 only)

@@ -32,7 +32,7 @@ from paramsets import repo_params, section_changes
 from torch import nn
 
 from resnet import evaluation, optim, paths, resume, runtime, training
-from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from resnet.config import ConfigError, Params, override
 from resnet.loader import DeviceLoader
 from resnet.optim import build_optimizer, build_scheduler
@@ -186,7 +186,7 @@ def test_fit_learns_the_quadrant_task(tmp_path: Path) -> None:
     best = load_checkpoint(tmp_path / "best.pt")
     last = load_checkpoint(tmp_path / "last.pt")
     assert best["epoch"] == result.best_epoch and last["epoch"] == 3
-    assert last["extra"] == {"run_id": "abc"} and last["classes"] == CLASSES
+    assert last["extra"] == {"run_id": "abc", "resumed_from": None} and last["classes"] == CLASSES
     assert last["arch"] == {
         "name": "resnet20",
         "num_classes": 4,
@@ -323,7 +323,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path: Pat
             on_epoch=interrupt_after(1),
         )
     resume = find_resume_checkpoint(params, meta, tmp_path / "b")
-    assert resume is not None and resume["epoch"] == 1 and resume["extra"] == {"run_id": "r1"}
+    assert resume is not None and resume["epoch"] == 1 and resume["extra"] == {"run_id": "r1", "resumed_from": None}
     torch.manual_seed(1234)  # a new process starts with other RNG states; the checkpoint restores them
     resumed = fit(params, meta, *make_loaders(params, meta), tmp_path / "b", resume=resume)
 
@@ -337,7 +337,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path: Pat
         return [{k: v for k, v in m.items() if k not in ("images_per_sec", "epoch_seconds")} for m in history]
 
     assert drop_time(whole.history) == drop_time(resumed.history)
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["extra"] == {"run_id": "r1"}
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["extra"] == {"run_id": "r1", "resumed_from": 1}
 
 
 def test_rng_states_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
@@ -684,11 +684,27 @@ def test_stage_writes_its_outputs_then_starts_fresh_after_a_finished_run(tmp_pat
     # One MLflow run, in the embedded store beside the repo, with the per-epoch curves.
     run_info = json.loads(Path("models/run.json").read_text())
     assert run_info["tracking_uri"] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert load_checkpoint("models/last.pt")["extra"] == {"run_id": run_info["run_id"]}
+    extra = load_checkpoint("models/last.pt")["extra"]
+    assert extra["run_id"] == run_info["run_id"] and len(extra["code"]) == 16
     client = mlflow.tracking.MlflowClient(run_info["tracking_uri"])
     assert [m.step for m in client.get_metric_history(run_info["run_id"], "train_loss")] == [1, 2]
     assert client.get_run(run_info["run_id"]).data.metrics["best_val_accuracy"] == summary["best_val_accuracy"]
 
+    # Run again (dvc repro -f, or a kill after training before DVC recorded it): nothing is trained
+    # again, the outputs are the same and the MLflow run is the same one, FINISHED.
+    before = {p: Path(p).read_bytes() for p in ("models/best.pt", "models/last.pt", "metrics/train.json")}
+    caplog.clear()
+    assert stage.main() == 0
+    assert "holds the finished training of this recipe, data and code (epoch 2/2): not training again" in caplog.text
+    assert "epoch 1/2" not in caplog.text
+    assert {p: Path(p).read_bytes() for p in before} == before
+    assert json.loads(Path("models/run.json").read_text())["run_id"] == run_info["run_id"]
+    assert client.get_run(run_info["run_id"]).info.status == "FINISHED"
+
+    # The same checkpoint from other code (the package changed since): trained afresh.
+    ckpt = load_checkpoint("models/last.pt")
+    ckpt["extra"]["code"] = "0" * 16
+    save_checkpoint("models/last.pt", ckpt)
     caplog.clear()
     assert stage.main() == 0
     assert "finished run (epoch 2/2): starting fresh" in caplog.text

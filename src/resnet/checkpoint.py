@@ -16,6 +16,7 @@ numbers, strings, lists, dicts), so loading one never runs pickled code. Keys:
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import zipfile
@@ -47,10 +48,17 @@ class CheckpointError(PipelineError, RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: an interrupted save never leaves a broken file."""
+    """Write ``state`` to ``path`` atomically: an interrupted save never leaves a broken file.
+
+    Serialized in memory first, then written as plain bytes: torch.save's own file
+    writer turns a full disk into an opaque RuntimeError ("PytorchStreamWriter failed
+    writing file"), a plain write gives an OSError naming ``path`` (resnet.stage reports it).
+    """
     state = {"version": CHECKPOINT_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:

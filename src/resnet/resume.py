@@ -36,6 +36,7 @@ from resnet.utils import flatten
 __all__ = [
     "RUNTIME_KEYS",
     "RESUME_KEYS",
+    "code_digest",
     "TrainState",
     "data_identity",
     "fingerprint",
@@ -138,13 +139,29 @@ def _explain_mismatch(ckpt: dict[str, Any], params: Params, meta: dict[str, Any]
     return "; ".join(changed) or "the fingerprint"
 
 
-def find_resume_checkpoint(params: Params, meta: dict[str, Any], out_dir: str | Path) -> dict[str, Any] | None:
-    """The unfinished checkpoint ``out_dir/last.pt`` of this very recipe and data, or None.
+def code_digest(*files: str | Path) -> str:
+    """Hash of the ``resnet`` package's source and ``files`` (the stage script): which code trained."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")) + [Path(f) for f in files]:
+        h.update(str(path.relative_to(package) if path.is_relative_to(package) else path.name).encode())
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
 
-    None (a fresh start, with a log line saying why) when there is no last.pt, when
-    it belongs to other params or data, or when its run finished (all epochs, or
-    stopped early). A corrupt, truncated or foreign last.pt raises CheckpointError:
-    silently starting over would throw away the work it was meant to keep.
+
+def find_resume_checkpoint(
+    params: Params, meta: dict[str, Any], out_dir: str | Path, code: str | None = None
+) -> dict[str, Any] | None:
+    """The checkpoint ``out_dir/last.pt`` to go on from, for this very recipe and data, or None.
+
+    An unfinished one is resumed. A finished one (all epochs, or stopped early) is
+    returned too when ``code`` equals the :func:`code_digest` it was trained with
+    (``extra.code``): the training is complete, and a stage killed after it (before DVC
+    recorded it) or forced to rerun finishes without training again. None (a fresh start,
+    with a log line saying why) when there is no last.pt, when it belongs to other
+    params or data, or when a finished one came from other code. A corrupt, truncated or
+    foreign last.pt raises CheckpointError: silently starting over would throw away the
+    work it was meant to keep.
     """
     path = Path(out_dir) / "last.pt"
     if not path.exists():
@@ -159,6 +176,16 @@ def find_resume_checkpoint(params: Params, meta: dict[str, Any], out_dir: str | 
         return None
     if ckpt["stopped_early"] or ckpt["epoch"] >= params.train.epochs:
         how = "stopped early" if ckpt["stopped_early"] else "finished"
+        if code is not None and (ckpt.get("extra") or {}).get("code") == code:
+            log.info(
+                "%s holds the %s training of this recipe, data and code (epoch %d/%d): not training again "
+                "(delete it to retrain)",
+                path,
+                how,
+                ckpt["epoch"],
+                params.train.epochs,
+            )
+            return ckpt
         log.info("%s is a %s run (epoch %d/%d): starting fresh", path, how, ckpt["epoch"], params.train.epochs)
         return None
     log.info("resuming from %s at epoch %d/%d", path, ckpt["epoch"], params.train.epochs)

@@ -4,10 +4,13 @@ A stage script is a small ``run(params)`` plus ``main = lambda: run_stage(run)``
 Expected failures (:class:`~resnet.utils.PipelineError`: bad params, data,
 checkpoints, a missing MLflow run) become one log line and exit status 1, so
 ``dvc repro`` stops with a message that says what to fix instead of a traceback.
+So do storage failures (a full disk, a file-size limit, a read-only or unwritable
+folder: :func:`~resnet.utils.is_storage_error`); other OSErrors keep their traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
 import sys
@@ -16,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from resnet.config import Params, load_params
-from resnet.utils import PipelineError, setup_logging
+from resnet.utils import PipelineError, is_storage_error, setup_logging
 
-__all__ = ["run_stage"]
+__all__ = ["run_stage", "storage_error_message"]
 
 log = logging.getLogger("resnet.stage")
 
@@ -35,11 +38,45 @@ def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.y
     except PipelineError as e:
         log.error("%s", e)
         return 1
+    except OSError as e:
+        # Only the machine's storage refusing a write is an expected failure. Any other
+        # OSError (a file the code assumed present, a path that is a folder, a bad file
+        # descriptor...) is a bug or an unchecked input: a PipelineError with its fix
+        # belongs where it is raised, so it keeps its traceback here.
+        if not is_storage_error(e):
+            raise
+        log.error("%s", storage_error_message(e))
+        return 1
     except KeyboardInterrupt:
         log.warning("interrupted%s", f"; {on_interrupt}" if on_interrupt else "")
         return 130
     log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - start, peak_rss_mib())
     return 0
+
+
+# What to do, by errno; the rest (EIO) points at the disk itself.
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free space within your disk quota (or raise it)",
+    errno.EFBIG: "free disk space (or raise the file-size limit: ulimit -f)",
+    errno.EROFS: "run from a writable checkout (the file system is read-only)",
+    errno.EACCES: "give this user access to it and its folder",
+    errno.EPERM: "give this user access to it and its folder",
+}
+
+
+def storage_error_message(e: OSError) -> str:
+    """One line for a failed write: the file, the system's reason and errno, the fix.
+
+    ``cannot write models/last.pt: File too large [errno 27]; free disk space (or raise
+    the file-size limit: ulimit -f) and rerun (dvc repro)``
+    """
+    # Permissions and I/O errors also hit reads: no "write" in their line.
+    verb = {errno.EACCES: "cannot access", errno.EPERM: "cannot access", errno.EIO: "cannot read or write"}
+    where = e.filename if e.filename is not None else "a file"
+    reason = e.strerror or errno.errorcode.get(e.errno or 0, "error")
+    fix = _STORAGE_FIXES.get(e.errno or 0, "check the disk (dmesg, df -h)")
+    return f"{verb.get(e.errno or 0, 'cannot write')} {where}: {reason} [errno {e.errno}]; {fix} and rerun (dvc repro)"
 
 
 def peak_rss_mib() -> float:

@@ -515,8 +515,13 @@ def fit(
         on_epoch: called as on_epoch(epoch, metrics) after each epoch, once its checkpoint is written.
     """
     trainer = Trainer(params, meta, train_loader, val_loader, out_dir)
-    state = trainer.start(resume, extra)
-    for epoch in range(state.epoch, params.train.epochs):
+    # The epoch this training last went on from, kept in the checkpoints' extra: a finished
+    # training completed again (nothing left to train) reports the same as the first time.
+    finished = resume is not None and (resume["stopped_early"] or resume["epoch"] >= params.train.epochs)
+    resumed_from = (resume.get("extra") or {}).get("resumed_from") if finished else (resume or {}).get("epoch")
+    state = trainer.start(resume, {**(extra or {}), "resumed_from": resumed_from})
+    # A checkpoint of a finished training (resnet.resume.find_resume_checkpoint) trains no further.
+    for epoch in range(params.train.epochs if state.stopped_early else state.epoch, params.train.epochs):
         t0 = time.perf_counter()
         train = trainer.train_epoch(epoch)
         val = trainer.validate() if trainer.validation_due(epoch) else {}
@@ -536,4 +541,4 @@ def fit(
                 state.best_epoch,
             )
             break
-    return trainer.result(state, resumed_from=resume["epoch"] if resume is not None else None)
+    return trainer.result(state, resumed_from=resumed_from)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,9 @@ import torch
 
 __all__ = [
     "PipelineError",
+    "STORAGE_ERRNOS",
+    "is_storage_error",
+    "naming_write_errors",
     "atomic_path",
     "atomic_dir",
     "write_json",
@@ -50,12 +54,49 @@ def _umask() -> int:
     return mask
 
 
+#: errno values that mean the storage refused a write (full disk or quota, file-size limit,
+#: read-only file system, permissions, a failing disk): the machine's state, not a bug in
+#: the code, so stage scripts report them in one line (resnet.stage.run_stage).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """True for an OSError whose errno is one of :data:`STORAGE_ERRNOS`."""
+    return isinstance(e, OSError) and e.errno in STORAGE_ERRNOS
+
+
+def _rename_in_error(e: OSError, tmp: Path, path: Path) -> None:
+    """Name ``path`` (the output the user knows) instead of ``tmp`` (a temporary name) in a storage error.
+
+    ``f.write()`` errors carry no file name at all: they get ``path``.
+    """
+    if not is_storage_error(e):
+        return
+    if e.filename is None:
+        e.filename = str(path)
+        return
+    name = str(e.filename)
+    if name == str(tmp) or name.startswith(f"{tmp}/"):
+        e.filename = str(path) + name[len(str(tmp)) :]
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | Path) -> Iterator[None]:
+    """Give a storage error raised inside the block the file name ``path`` when it has none."""
+    try:
+        yield
+    except OSError as e:
+        _rename_in_error(e, Path(path), Path(path))
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
     A crash or exception inside the block leaves no file at ``path`` that a later
-    stage could mistake for valid output (the temp file is removed).
+    stage could mistake for valid output (the temp file is removed) and leaves an
+    earlier ``path`` as it was. A storage error (full disk...) names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,24 +109,48 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except OSError as e:
+        _rename_in_error(e, tmp_path, path)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Like :func:`atomic_path` for a directory: build it aside, then swap it in whole."""
+    """Like :func:`atomic_path` for a directory: build it aside, then swap it in whole.
+
+    A storage error names the file under ``path`` it was writing (``path`` itself when unknown).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _swap_in(tmp, path)
+    except OSError as e:
+        _rename_in_error(e, tmp, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace the folder ``path`` by ``tmp``; if that fails, the old ``path`` is put back."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    try:
+        os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(old / path.name, path)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

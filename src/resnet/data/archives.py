@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Entry:
-    """One archive or directory member: a regular file (with its bytes) or a link to another member."""
+    """One archive or directory member: a regular file (with its bytes), a link to another member, or a folder."""
 
     name: str
-    kind: str  # "file" or "link"
+    kind: str  # "file", "link" or "dir" (a folder's name ends in "/"; only with folders=True)
     data: bytes | None = None
     target: str | None = None
 
@@ -102,25 +102,26 @@ def resolve_links(files: dict[str, bytes | None], links: dict[str, str], where: 
 # --------------------------------------------------------------------------- archives
 
 
-def iter_archive(path: str | Path, *, read_data: bool = True) -> Iterator[Entry]:
+def iter_archive(path: str | Path, *, read_data: bool = True, folders: bool = False) -> Iterator[Entry]:
     """Yield the files and links of a tar (plain, gz, bz2, xz) or zip archive, checking every member.
 
-    Directories are skipped; device files, fifos, unsafe names and links pointing
+    Folder entries are skipped unless ``folders`` (then ``Entry("train/cat/", "dir")``:
+    an empty folder shows only so); device files, fifos, unsafe names and links pointing
     outside the archive raise :class:`DataError`, as do truncated or corrupt archives.
     """
     path = Path(path)
     fmt = _archive_format(path)
     if fmt == "zip":
-        yield from _iter_zip(path, read_data)
+        yield from _iter_zip(path, read_data, folders=folders)
         return
     yielded = 0
     try:
-        for entry in _iter_tar(path, fmt, read_data):
+        for entry in _iter_tar(path, fmt, read_data, folders=folders):
             yielded += 1
             yield entry
     except tar_reader.Unsupported as e:
         log.info("%s: %s; reading it with tarfile instead", path, e)
-        for i, entry in enumerate(_iter_tarfile(path, read_data)):
+        for i, entry in enumerate(_iter_tarfile(path, read_data, folders=folders)):
             if i >= yielded:  # the hand-written reader already handed out the members before the odd one
                 yield entry
 
@@ -140,13 +141,14 @@ def _archive_format(path: Path) -> str:
 def _checked_entry(
     path: Path, name: str, kind: str, linkname: str, data: bytes | None, type_flag: bytes | str
 ) -> Entry | None:
-    """The Entry of one tar member (None for a folder), after the safety rules; both tar readers use it.
+    """The Entry of one tar member after the safety rules (None for the archive's root folder).
 
-    ``kind``: "file", "dir", "symlink", "hardlink" or "special" (device, fifo...).
+    Both tar readers use it. ``kind``: "file", "dir", "symlink", "hardlink" or "special"
+    (device, fifo...); a folder's Entry has kind "dir" and a name ending in "/".
     """
     checked = check_member_name(name, path, folder=kind == "dir")
     if kind == "dir":
-        return None
+        return Entry(checked + "/", "dir") if checked else None
     if kind in ("symlink", "hardlink"):
         # Symlink targets are relative to the link's folder, hardlink targets to the root.
         target = link_target(checked, linkname, path, relative_to_member=kind == "symlink")
@@ -156,11 +158,11 @@ def _checked_entry(
     return Entry(checked, "file", data=data)
 
 
-def _iter_tar(path: Path, fmt: str, read_data: bool) -> Iterator[Entry]:
+def _iter_tar(path: Path, fmt: str, read_data: bool, *, folders: bool = False) -> Iterator[Entry]:
     """The tar half of :func:`iter_archive`, by the hand-written reader."""
     for m in tar_reader.iter_members(path, fmt, read_data):
         entry = _checked_entry(path, m.name, m.kind, m.linkname, m.data, m.type)
-        if entry is not None:
+        if entry is not None and (folders or entry.kind != "dir"):
             yield entry
 
 
@@ -222,7 +224,7 @@ def _read_member(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
     return data
 
 
-def _iter_tarfile(path: Path, read_data: bool) -> Iterator[Entry]:
+def _iter_tarfile(path: Path, read_data: bool, *, folders: bool = False) -> Iterator[Entry]:
     """The same as :func:`_iter_tar`, through tarfile's streaming mode, for what the hand-written reader leaves."""
     try:
         with tarfile.open(path, mode="r|*", tarinfo=_StrictTarInfo) as tf:
@@ -230,7 +232,7 @@ def _iter_tarfile(path: Path, read_data: bool) -> Iterator[Entry]:
                 kind = _tarfile_kind(m)
                 data = _read_member(tf, m) if kind == "file" and read_data else None
                 entry = _checked_entry(path, m.name, kind, m.linkname, data, m.type)
-                if entry is not None:
+                if entry is not None and (folders or entry.kind != "dir"):
                     yield entry
     except _HeaderProblem as e:
         raise _header_error(path, e) from None
@@ -238,13 +240,15 @@ def _iter_tarfile(path: Path, read_data: bool) -> Iterator[Entry]:
         raise corrupt(path, e) from None
 
 
-def _iter_zip(path: Path, read_data: bool) -> Iterator[Entry]:
+def _iter_zip(path: Path, read_data: bool, *, folders: bool = False) -> Iterator[Entry]:
     """The zip half of :func:`iter_archive`."""
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 name = check_member_name(info.filename, path, folder=info.is_dir())
                 if info.is_dir():
+                    if folders and name:
+                        yield Entry(name + "/", "dir")
                     continue
                 # Unix file-type bits, when the zip was made on unix (0 = not recorded: a plain file).
                 ftype = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
@@ -274,16 +278,21 @@ def _iter_zip(path: Path, read_data: bool) -> Iterator[Entry]:
 # --------------------------------------------------------------------------- folders
 
 
-def iter_directory(root: str | Path, *, read_data: bool = True) -> Iterator[Entry]:
+def iter_directory(root: str | Path, *, read_data: bool = True, folders: bool = False) -> Iterator[Entry]:
     """Yield the files under ``root`` (sorted walk) like :func:`iter_archive` does for an archive.
 
-    Symlinks are followed only when they resolve inside ``root``; special files are refused.
+    With ``folders``, each folder below ``root`` first (``Entry("train/cat/", "dir")``).
+    Symlinks are followed only when they resolve inside ``root``. Special files (devices,
+    fifos, sockets) are refused, not skipped: reading a fifo blocks and a device never
+    ends, and one in an image folder is a mistake or an attack that a warning would bury.
     """
     root = Path(root)
     real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=_walk_error):
         dirnames.sort()
         here = Path(dirpath)
+        if folders and here != root:
+            yield Entry(here.relative_to(root).as_posix() + "/", "dir")
         # Symlinked folders are not walked by os.walk; check them like files.
         for d in list(dirnames):
             p = here / d
@@ -305,6 +314,11 @@ def iter_directory(root: str | Path, *, read_data: bool = True) -> Iterator[Entr
                     f"an image folder holds only folders and files"
                 )
             yield Entry(rel, "file", data=p.read_bytes() if read_data else None)
+
+
+def _walk_error(e: OSError) -> None:
+    """os.walk skips unreadable folders silently; a folder source must not lose a class that way."""
+    raise e
 
 
 def _check_inside(p: Path, real_root: Path) -> Path:

@@ -169,18 +169,24 @@ def _class_of(name: str, prefix: str) -> str:
     return name[len(prefix) :].split("/")[1]
 
 
-def _read_files(path: Path) -> dict[str, bytes | None]:
-    """Every file of an archive or directory by name, links replaced by their targets' bytes."""
-    entries = iter_directory(path) if path.is_dir() else iter_archive(path)
+def _read_files(path: Path) -> tuple[dict[str, bytes | None], list[str]]:
+    """Every file of an archive or directory by name (links replaced by their targets' bytes), and its folders.
+
+    The folders (names ending in "/") are what shows an empty class folder.
+    """
+    entries = iter_directory(path, folders=True) if path.is_dir() else iter_archive(path, folders=True)
     blobs: dict[str, bytes | None] = {}
     links: dict[str, str] = {}
+    folders: list[str] = []
     for e in entries:
         if e.kind == "link":
             links[e.name] = e.target or ""
+        elif e.kind == "dir":
+            folders.append(e.name)
         else:
             blobs[e.name] = e.data
     resolve_links(blobs, links, path)
-    return blobs
+    return blobs, folders
 
 
 def read_imagefolder(
@@ -193,8 +199,8 @@ def read_imagefolder(
     sorted path order, so a tar, a zip and a folder of the same images give the same arrays.
     """
     path = Path(path)
-    blobs = _read_files(path)
-    prefix, layout = imagefolder_layout(list(blobs), path)
+    blobs, folders = _read_files(path)
+    prefix, layout = imagefolder_layout([*blobs, *folders], path)
     classes = sorted({_class_of(n, prefix) for n in layout["train"]})
     index = {c: i for i, c in enumerate(classes)}
     extra = sorted({_class_of(n, prefix) for n in layout.get("test", [])} - set(classes))

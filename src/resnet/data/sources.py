@@ -14,8 +14,10 @@ import datetime as _dt
 import hashlib
 import http.client
 import logging
+import os
 import posixpath
 import re
+import stat
 import threading
 import time
 import urllib.error
@@ -28,7 +30,14 @@ from resnet.config import DataParams
 from resnet.data.archives import iter_archive, iter_directory
 from resnet.data.datasets import OFFICIAL_ARCHIVES, cifar_member_map, imagefolder_layout
 from resnet.data.errors import DataError
-from resnet.utils import atomic_dir, progress_enabled, workspace_root, write_json
+from resnet.utils import (
+    atomic_dir,
+    is_storage_error,
+    naming_write_errors,
+    progress_enabled,
+    workspace_root,
+    write_json,
+)
 
 __all__ = ["OFFLINE_HINT", "download", "sha256_file"]
 
@@ -152,10 +161,13 @@ def _fetch_url(url: str, dest: Path, timeout: float) -> _Hashes:
                 ) as bar,
             ):
                 while chunk := response.read(_CHUNK):
-                    out.write(chunk)
+                    with naming_write_errors(dest):
+                        out.write(chunk)
                     hashes.update(chunk)
                     bar.update(len(chunk))
         except (OSError, TimeoutError, ValueError, http.client.HTTPException) as e:
+            if is_storage_error(e) and getattr(e, "filename", None) == str(dest):
+                raise  # the disk refused the copy, not a download problem: resnet.stage says so
             # A stalled socket (data.timeout), a dropped connection, IncompleteRead.
             raise DataError(
                 f"download of {url} failed after {hashes.size} bytes ({type(e).__name__}: {e}); run the stage again"
@@ -169,24 +181,32 @@ def _copy_file(src: Path, dest: Path) -> _Hashes:
     hashes = _Hashes()
     with open(src, "rb") as inp, open(dest, "wb") as out:
         while chunk := inp.read(_CHUNK):
-            out.write(chunk)
+            with naming_write_errors(dest):  # a failed write() names no file by itself
+                out.write(chunk)
             hashes.update(chunk)
     return hashes
 
 
 def _copy_tree(src: Path, dest: Path) -> tuple[str, int, int]:
-    """Copy an image folder (files only, links resolved inside it); return (tree sha256, bytes, files).
+    """Copy an image folder (files and folders, links resolved inside it); return (tree sha256, bytes, files).
 
-    The tree digest is the sha256 of the sorted lines ``<sha256 of file>  <relative path>``
-    (the output of ``sha256sum`` over the sorted file list), so it is reproducible by hand.
+    Empty folders are copied too, so that the check of the copy names an empty class
+    folder instead of never seeing it. The tree digest is the sha256 of the sorted lines
+    ``<sha256 of file>  <relative path>`` (the output of ``sha256sum`` over the sorted
+    file list), so it is reproducible by hand; folders do not change it.
     """
     digests: dict[str, str] = {}
     size = 0
-    for entry in iter_directory(src):
-        data = entry.data or b""
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in iter_directory(src, folders=True):
         out = dest / entry.name
+        if entry.kind == "dir":
+            out.mkdir(parents=True, exist_ok=True)
+            continue
+        data = entry.data or b""
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(data)
+        with naming_write_errors(out):
+            out.write_bytes(data)
         digests[entry.name] = hashlib.sha256(data).hexdigest()
         size += len(data)
     listing = "".join(f"{digests[n]}  {n}\n" for n in sorted(digests))
@@ -221,11 +241,13 @@ def _verify(hashes: _Hashes, params: DataParams, source: str) -> None:
 
 def _check_content(path: Path, dataset: str) -> dict[str, Any]:
     """Read the archive through once: every member checked, the expected layout present."""
-    names = [e.name for e in iter_archive(path, read_data=False)]
+    entries = [(e.name, e.kind) for e in iter_archive(path, read_data=False, folders=True)]
+    names = [n for n, kind in entries if kind != "dir"]  # files and links: what "members" counts
     if dataset in OFFICIAL_ARCHIVES:
         cifar_member_map(names, OFFICIAL_ARCHIVES[dataset], path)
         return {"members": len(names)}
-    _, layout = imagefolder_layout(names, path)
+    # Folder entries too: an empty class folder shows only as one.
+    _, layout = imagefolder_layout([n for n, _ in entries], path)
     return {"members": len(names), "splits": {s: len(v) for s, v in layout.items()}}
 
 
@@ -265,11 +287,31 @@ def _check_local_source(where: Path, params: DataParams) -> None:
             f"data.source: {params.source!r} not found (looked at {where.absolute()}); give the "
             f"path of the archive (relative to the repository root) or a URL"
         )
+    mode = os.stat(where).st_mode  # through links: a link to /dev/zero is /dev/zero
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # Copied as a file, /dev/zero or /dev/urandom would fill the disk and a fifo would block.
+        raise DataError(
+            f"data.source: {params.source!r} ({where}) is a {_file_type(mode)}; a data source must be a "
+            f"regular file (an archive) or a folder: point data.source at one"
+        )
     if where.is_dir() and params.dataset != "imagefolder":
         raise DataError(
             f"data.source: {params.source!r} is a directory; data.dataset={params.dataset} needs the "
             f"official archive (.tar.gz); directories are read only with data.dataset=imagefolder"
         )
+
+
+def _file_type(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in (
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "fifo (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _copy_folder_source(where: Path, tmp: Path, params: DataParams) -> tuple[str, str, int, dict[str, Any]]:
@@ -282,7 +324,7 @@ def _copy_folder_source(where: Path, tmp: Path, params: DataParams) -> tuple[str
             f"checksum mismatch for folder {params.source}: tree sha256 {digest}, data.sha256 "
             f"expects {params.sha256.lower()}; correct data.sha256 or set it to null"
         )
-    names = [e.name for e in iter_directory(tmp / name, read_data=False)]
+    names = [e.name for e in iter_directory(tmp / name, read_data=False, folders=True)]
     _, layout = imagefolder_layout(names, where)
     info = {
         "kind": "directory",

@@ -22,7 +22,7 @@ from resnet.data.datasets import OFFICIAL_ARCHIVES, read_cifar, read_imagefolder
 from resnet.data.errors import DataError
 from resnet.data.sources import sha256_file
 from resnet.data.store import save_npz
-from resnet.utils import atomic_dir, read_json, write_json
+from resnet.utils import PipelineError, atomic_dir, read_handover_json, write_json
 
 __all__ = ["stratified_split", "cap_per_class", "channel_stats", "prepare"]
 
@@ -157,19 +157,48 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, params: DataParams) -> dic
     return meta
 
 
+#: The fields of source.json that the split stage reads, and the kinds the download stage writes.
+_SOURCE_FIELDS = ("source", "dataset", "path", "sha256", "kind")
+_SOURCE_KINDS = ("archive", "directory")
+
+
+def _read_source_record(src_file: Path) -> dict[str, Any]:
+    """source.json as the download stage wrote it: a JSON object with the fields split needs."""
+    try:
+        source = read_handover_json(src_file, "download")
+    except PipelineError as e:
+        raise DataError(str(e)) from e
+    bad = [k for k in _SOURCE_FIELDS if not isinstance(source.get(k), str) or not source[k]]
+    if not bad and source["kind"] not in _SOURCE_KINDS:
+        bad = ["kind"]
+    # "path" names the copy inside data/raw: one plain name, never a way out of it.
+    if not bad and (source["path"] in (".", "..") or "/" in source["path"] or "\\" in source["path"]):
+        bad = ["path"]
+    if bad:
+        raise DataError(
+            f"{src_file}: field(s) {bad} missing or invalid (it needs strings {list(_SOURCE_FIELDS)}, "
+            f"kind one of {list(_SOURCE_KINDS)}): the download stage writes it; rerun it (dvc repro -f download)"
+        )
+    return source
+
+
 def _verified_source(raw_dir: Path, params: DataParams) -> dict[str, Any]:
     """source.json of the download stage, checked against data.dataset and the copy's sha256."""
     src_file = raw_dir / "source.json"
-    if not src_file.is_file():
-        raise DataError(f"{src_file} not found; run the download stage first (`dvc repro download`)")
-    source = read_json(src_file)
-    if source.get("dataset") != params.dataset:
+    source = _read_source_record(src_file)
+    if source["dataset"] != params.dataset:
         raise DataError(
-            f"{raw_dir} holds dataset {source.get('dataset')!r} but data.dataset is {params.dataset!r}; "
+            f"{raw_dir} holds dataset {source['dataset']!r} but data.dataset is {params.dataset!r}; "
             f"run the download stage again (`dvc repro download`)"
         )
     path = raw_dir / source["path"]
-    if source.get("kind") == "archive":
+    is_there = path.is_file() if source["kind"] == "archive" else path.is_dir()
+    if not is_there:
+        raise DataError(
+            f"{path} ({source['kind']}) not found, but {src_file} names it; the download stage writes it: "
+            f"rerun it (dvc repro -f download)"
+        )
+    if source["kind"] == "archive":
         got = sha256_file(path)
         if got != source["sha256"]:
             raise DataError(

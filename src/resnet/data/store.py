@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from resnet.data.errors import DataError
-from resnet.utils import PipelineError, read_handover_json
+from resnet.utils import PipelineError, naming_write_errors, read_handover_json
 
 __all__ = ["SPLITS", "save_npz", "load_split", "load_meta"]
 
@@ -22,8 +22,11 @@ SPLITS = ("train", "val", "test")
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    """np.savez, uncompressed, but byte-reproducible: fixed zip timestamps (numpy stamps the clock)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    """np.savez, uncompressed, but byte-reproducible: fixed zip timestamps (numpy stamps the clock).
+
+    A full disk is an OSError naming ``path`` (zipfile's writes name no file).
+    """
+    with naming_write_errors(path), zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key, arr in arrays.items():
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
