@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -25,7 +28,7 @@ import yaml
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from paramsets import repo_params
-from test_evaluation import _output_files, _stage
+from test_evaluation import REPO, _output_files, _stage
 from test_evaluation import workspace as workspace  # noqa: F401  (the fixture)
 from test_handover_files import _one_line_error, _test_json
 from test_training import load_stage_module, write_stage_inputs
@@ -168,3 +171,23 @@ def test_a_run_left_running_by_a_killed_training_is_reused_or_closed(
     assert len(client.search_runs([client.get_experiment_by_name(params.tracking.experiment).experiment_id])) == (
         1 if same_params else 2
     )
+
+
+def test_sigterm_ends_a_training_like_ctrl_c_with_the_run_killed(tmp_path: Path) -> None:
+    """kill, a CI timeout or a container stop: the run is closed KILLED with the reason, not left RUNNING."""
+    write_stage_inputs(tmp_path, {"epochs": 200})
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    last = tmp_path / paths.LAST_CHECKPOINT
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; rerun the stage (dvc repro) to resume from models/last.pt" in err and "Traceback" not in err
+    run_id = json.loads((tmp_path / paths.RUN_FILE).read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["pipeline.stage.train"] == "killed"
+    assert run.data.tags["pipeline.failure"] == "train: interrupted (Ctrl-C or SIGTERM)"

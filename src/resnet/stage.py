@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,10 @@ def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.y
     """
     setup_logging()
     start = time.perf_counter()
+    # SIGTERM (kill, a CI runner's timeout, a container stopping) ends the stage as Ctrl-C
+    # does: the MLflow run is closed KILLED and atomic writes clean up, instead of dying
+    # with the run left RUNNING.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(load_params(params_path))
     except PipelineError as e:
@@ -50,8 +55,14 @@ def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.y
     except KeyboardInterrupt:
         log.warning("interrupted%s", f"; {on_interrupt}" if on_interrupt else "")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - start, peak_rss_mib())
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # What to do, by errno; the rest (EIO) points at the disk itself.

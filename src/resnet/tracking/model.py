@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from resnet.checkpoint import load_checkpoint, model_from_checkpoint
 from resnet.config import TrackingParams
 from resnet.loader import DeviceLoader
 from resnet.tracking.runs import PipelineRun
-from resnet.tracking.store import TrackingError, point_mlflow_at, resolve_tracking_uri
+from resnet.tracking.store import TrackingError, point_mlflow_at, quiet, resolve_tracking_uri
 
 __all__ = ["ResNetClassifier", "log_model", "load_pyfunc"]
 
@@ -99,7 +97,7 @@ def log_model(run: PipelineRun, checkpoint_path: str | Path, example_images: np.
     """
     ckpt = load_checkpoint(checkpoint_path)
     example = np.ascontiguousarray(example_images[:2])
-    with warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
+    with warnings.catch_warnings(), quiet("mlflow.pyfunc"):
         # The class is pickled by reference (it lives in this package, shipped in
         # code_paths), and the signature is given explicitly: MLflow's warnings about
         # pickled objects and missing type hints do not apply.
@@ -107,17 +105,6 @@ def log_model(run: PipelineRun, checkpoint_path: str | Path, example_images: np.
         info = _log_pyfunc(checkpoint_path, ckpt, example)
     log.info("logged model %s", info.model_uri)
     return info.model_uri
-
-
-@contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    lg = logging.getLogger(logger)
-    level = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        lg.setLevel(level)
 
 
 def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.ndarray) -> Any:

@@ -24,7 +24,7 @@ from resnet.config import TrackingParams
 from resnet.lock import waiting_lock
 from resnet.utils import PipelineError, workspace_root
 
-__all__ = ["TrackingError", "store_root", "resolve_tracking_uri", "setup", "point_mlflow_at", "store_lock"]
+__all__ = ["TrackingError", "store_root", "resolve_tracking_uri", "setup", "point_mlflow_at", "store_lock", "quiet"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,18 @@ def store_lock(uri: str, what: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quiet(logger: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Only ``level`` and above from an MLflow logger for the block (CRITICAL: a failure we report ourselves)."""
+    lg = logging.getLogger(logger)
+    before = lg.level
+    lg.setLevel(level)
+    try:
+        yield
+    finally:
+        lg.setLevel(before)
+
+
 def _store_failure(uri: str, e: BaseException) -> TrackingError:
     """One line for a store that cannot be opened: which store, what went wrong, what to do."""
     text = " ".join(str(e).split())
@@ -114,7 +126,8 @@ def setup(params: TrackingParams) -> str:
     try:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        with store_lock(uri, "creating the MLflow store"):
+        # MLflow logs a failing query with its traceback itself; the one line below says it all.
+        with store_lock(uri, "creating the MLflow store"), quiet("mlflow.store.db.utils", logging.CRITICAL):
             exp = mlflow.get_experiment_by_name(params.experiment)
             if exp is not None:
                 return exp.experiment_id
