@@ -13,15 +13,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from archives import make_tar, write_imagefolder
+from mlflow.tracking import MlflowClient
 from test_experiments import DVC, ROOT, commit_all, init_repo, sh, tiny_params, tool_env
 
 from resnet import paths
@@ -130,3 +137,91 @@ def test_a_second_training_in_the_workspace_is_refused_and_the_lock_dies_with_it
     assert (tmp_path / TRAIN_LOCK).is_file()
     with exclusive_lock(tmp_path / TRAIN_LOCK, "training"):
         assert (tmp_path / TRAIN_LOCK).read_text().strip() == str(os.getpid())
+
+
+# --------------------------------------------------------------------------- kills at any point
+
+
+def _repro_until(repo: Path, ready: Callable[[str], bool], timeout: float = 600) -> str:
+    """Start ``dvc repro``; SIGKILL it with every stage process once ``ready(output so far)``; its output."""
+    proc = subprocess.Popen(
+        [DVC, "repro"],
+        cwd=repo,
+        env=tool_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: dvc and the stage it runs die together
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready("".join(lines)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            reader.join(10)
+            return "".join(lines)
+        time.sleep(0.02)
+    reader.join(10)
+    out = "".join(lines)
+    raise AssertionError(f"dvc repro ended (or timed out) before the kill point:\n{out[-4000:]}")
+
+
+def _epochs_trained(output: str) -> list[int]:
+    return [int(m) for m in re.findall(r"epoch (\d+)/\d+ train_loss", output)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None or not Path(DVC).exists(), reason="needs git and dvc")
+def test_killed_anywhere_then_rerun_ends_with_one_finished_run_one_version_and_no_training_redone(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL (no clean-up at all) during training, right after it, and during registration; each time
+    ``dvc repro`` again. The end: one MLflow run, FINISHED; one registered version; the training resumed
+    where it was killed and, once finished, never trained again."""
+    write_imagefolder(tmp_path / "images", per_class={"train": 12, "test": 4}, size=16)
+    (tmp_path / "data-src").mkdir()
+    make_tar(tmp_path / "images", tmp_path / "data-src" / "tiny.tar.gz")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=ignore)
+    shutil.copytree(ROOT / "src", repo / "src", ignore=ignore)
+    params = tiny_params()
+    params["train"]["epochs"] = 40  # long enough to be killed in the middle
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    init_repo(repo)
+    last, train_json = repo / paths.LAST_CHECKPOINT, repo / paths.TRAIN_METRICS
+
+    # 1. During training, after at least one epoch was saved.
+    first = _repro_until(repo, lambda out: len(_epochs_trained(out)) >= 2 and last.exists())
+    assert "Running stage 'train'" in first and not train_json.exists()
+    # 2. Right after training wrote its metrics: the rerun resumes (no epoch trained twice), then dies.
+    second = _repro_until(repo, lambda out: train_json.exists())
+    resumed = _epochs_trained(second)
+    assert resumed and resumed[0] > 1 and resumed[-1] == 40, resumed
+    trained = {p: p.read_bytes() for p in (last, repo / paths.BEST_CHECKPOINT)}
+    # 3. During registration: the model logged, no version yet; then once the version exists
+    #    (register.json may or may not be written by the time the kill lands).
+    for point in ("logged model", "registered test-model version"):
+        during = _repro_until(repo, lambda out, point=point: point in out)
+        assert _epochs_trained(during) == [] and "Running stage 'register'" in during, point
+    # 4. To the end.
+    final = sh(repo, DVC, "repro", timeout=900).stdout
+    assert _epochs_trained(final) == []
+    assert {p: p.read_bytes() for p in trained} == trained
+    assert "Data and pipelines are up to date" in sh(repo, DVC, "status").stdout
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("resnet-pipeline").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
+    tags = runs[0].data.tags
+    assert {tags[f"pipeline.stage.{s}"] for s in ("train", "validate", "evaluate", "register")} == {"finished"}
+    (version,) = client.search_model_versions("name='test-model'")
+    assert version.run_id == runs[0].info.run_id
+    assert json.loads((repo / paths.REGISTER_RESULT).read_text())["version"] == int(version.version) == 1
+    assert json.loads(train_json.read_text())["epochs_completed"] == 40
