@@ -4,7 +4,7 @@ The tutorials' way (the PyTorch CIFAR-10 tutorial and the "ResNet from scratch"
 posts): a Dataset over the images making a PIL image per sample, PIL transforms
 (RandomCrop with padding 4, RandomHorizontalFlip, ToTensor, Normalize), a DataLoader
 with worker processes, fp32 NCHW, and a loop that reads ``loss.item()`` and the
-correct count every batch. Ours: resnet.training.train_one_epoch over a
+correct count every batch. Ours: resnet.epoch.train_one_epoch over a
 resnet.loader.DeviceLoader with the recipe of params.yaml (channels_last, no
 per-step host reads), exactly as the train stage runs it.
 
@@ -37,9 +37,10 @@ from torch import nn
 
 from resnet.config import load_params
 from resnet.data.store import load_meta, load_split
+from resnet.epoch import train_one_epoch
 from resnet.loader import DeviceLoader
 from resnet.runtime import configure_torch, keep_freed_memory
-from resnet.training import build_training, train_one_epoch
+from resnet.training import build_training
 
 #: Model options per benchmarked name (resnet18 with the CIFAR stem, as for 32x32 images).
 MODELS = {"resnet20": {"name": "resnet20"}, "resnet18": {"name": "resnet18", "stem": "cifar"}}

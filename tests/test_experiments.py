@@ -9,8 +9,8 @@
 * The real pipeline (``@pytest.mark.slow``): the project's dvc.yaml, params.yaml and
   stages/ copied into a temporary git repository with params for a tiny run on a
   3-class 16x16 image-folder archive; a learning-rate change and an evaluate-only
-  change through the retrain command, then a queued sweep of two learning rates run at once (`dvc queue start -j 2`), all
-  checked in the MLflow store at that repository's root.
+  change through the retrain command, then a queued sweep of two learning rates run at
+  once (``dvc queue start -j 2``), all checked in the MLflow store at that repository's root.
 * .github/workflows/retrain.yml: its triggers, jobs and steps, GitHub's workflow schema
   (check-jsonschema), and actionlint when an actionlint binary is installed.
 """

@@ -34,6 +34,7 @@ from torch import nn
 from resnet import evaluation, optim, paths, resume, runtime, training
 from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from resnet.config import ConfigError, Params, override
+from resnet.epoch import train_one_epoch
 from resnet.loader import DeviceLoader
 from resnet.optim import build_optimizer, build_scheduler
 from resnet.resume import TrainState, find_resume_checkpoint, rng_state, set_rng_state
@@ -44,7 +45,6 @@ from resnet.training import (
     TrainingError,
     create_model,
     fit,
-    train_one_epoch,
 )
 from resnet.utils import seed_everything
 

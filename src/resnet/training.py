@@ -1,10 +1,11 @@
-"""The training loop: a run's parts, one epoch, early stopping, and :func:`fit`, which ties them together.
+"""The training loop: a run's parts, early stopping, and :func:`fit`, which ties epochs together.
 
-Reads top to bottom: errors and the result type; building a run's parts (model,
-optimizer, schedule, grad scaler, loss); one training epoch; :class:`EarlyStopping`;
+Reads top to bottom: the result type; building a run's parts (model, optimizer,
+schedule, grad scaler, loss); :class:`EarlyStopping`;
 the :class:`Trainer`, whose named steps (train an epoch, validate, save the
 checkpoints) act on one :class:`~resnet.resume.TrainState`; and :func:`fit`, the
-loop on one screen. Elsewhere: the optimizer and schedule in :mod:`resnet.optim`,
+loop on one screen. Elsewhere: one epoch's steps in :mod:`resnet.epoch`, the
+optimizer and schedule in :mod:`resnet.optim`,
 device and precision in :mod:`resnet.runtime`, what makes resuming exact
 (TrainState, RNG states, the fingerprint) in :mod:`resnet.resume`, and validation is
 :func:`resnet.evaluation.evaluate`, the very function the validate stage runs, so
@@ -39,19 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
 from resnet.checkpoint import freeze_batchnorm_if_frozen, load_pretrained, save_checkpoint
 from resnet.config import Params, TrainParams
+from resnet.epoch import TrainingError, train_one_epoch
 from resnet.evaluation import evaluate
 from resnet.loader import DeviceLoader
 from resnet.models import ResNet, build_model
 from resnet.optim import build_optimizer, build_scheduler
 from resnet.paths import BEST_CHECKPOINT, LAST_CHECKPOINT
 from resnet.resume import TrainState, data_identity, fingerprint, rng_state, set_rng_state
-from resnet.runtime import autocast, resolve_precision
-from resnet.utils import PipelineError, progress_enabled, seed_everything
+from resnet.runtime import resolve_precision
+from resnet.utils import seed_everything
 
 __all__ = [
     "TrainingError",
@@ -62,7 +63,6 @@ __all__ = [
     "create_model",
     "TrainingParts",
     "build_training",
-    "train_one_epoch",
     "EarlyStopping",
     "Trainer",
     "fit",
@@ -70,10 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Steps between host-side checks for a non-finite loss (each check is one sync).
-CHECK_EVERY = 50
-#: Steps between progress-bar postfix updates (only when a bar is shown).
-POSTFIX_EVERY = 20
 #: Keys of each per-epoch metrics dict, in the order of plots/train/history.csv.
 HISTORY_FIELDS = (
     "epoch",
@@ -87,10 +83,6 @@ HISTORY_FIELDS = (
 )
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-class TrainingError(PipelineError, RuntimeError):
-    """Training cannot go on: a non-finite loss, or loaders that do not fit the run."""
 
 
 @dataclass
@@ -182,104 +174,6 @@ def build_training(
         torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing),
     )
-
-
-# ----------------------------------------------------------------------------- one epoch
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DeviceLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    criterion: nn.Module,
-    *,
-    precision: str = "fp32",
-    grad_clip: float | None = None,
-    epoch: int = 0,
-    epochs: int = 1,
-) -> dict[str, float]:
-    """One pass over ``loader`` (a batch = a step, schedule included); the caller sets train mode.
-
-    Returns loss, accuracy, images, seconds, images_per_sec and lr (of the last step).
-    Raises TrainingError when the loss turns NaN or infinite.
-    """
-    device = loader.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = len(loader)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
-    seen = 0
-    lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(
-        total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress_enabled()
-    )
-    t0 = time.perf_counter()
-    for step, (x, y) in enumerate(loader):
-        with autocast(device, precision):
-            logits = model(x)
-            loss = criterion(logits, y)
-        lr = _optimizer_step(loss, params, optimizer, scheduler, scaler, grad_clip)
-
-        # Bookkeeping stays on the device; the host only looks every few dozen steps.
-        loss = loss.detach().float()
-        first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, step)
-        loss_sum += loss * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-        bar.update(1)
-        if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-            _check_finite(first_bad, epoch, steps)
-        if not bar.disable and (step + 1) % POSTFIX_EVERY == 0:
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.4f}",
-                acc=f"{correct.item() / seen:.4f}",
-                img_s=f"{seen / (time.perf_counter() - t0):.0f}",
-            )
-    bar.close()
-    train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # syncs: the timing is honest
-    seconds = time.perf_counter() - t0
-    return {
-        "loss": train_loss,
-        "accuracy": train_acc,
-        "images": seen,
-        "seconds": seconds,
-        "images_per_sec": seen / seconds,
-        "lr": lr,
-    }
-
-
-def _optimizer_step(
-    loss: Tensor,
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    grad_clip: float | None,
-) -> float:
-    """Backward, optional clipping, the optimizer and schedule steps; returns the lr this step used."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip is not None:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    lr = optimizer.param_groups[0]["lr"]  # a Python float: no sync
-    scheduler.step()
-    return lr
-
-
-def _check_finite(first_bad: Tensor, epoch: int, steps: int) -> None:
-    step = int(first_bad.item())
-    if step >= 0:
-        raise TrainingError(
-            f"the loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} of {steps} "
-            f"(global step {epoch * steps + step + 1}); lower train.lr, set train.grad_clip (e.g. 1.0) "
-            "or check the input data for bad values"
-        )
 
 
 def epoch_metrics(epoch: int, train: dict[str, float], val: dict[str, float], seconds: float) -> dict[str, float]:
