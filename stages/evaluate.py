@@ -10,8 +10,8 @@ import sys
 
 from resnet import paths, tracking
 from resnet.config import Params
-from resnet.evaluation import SplitEvaluation, evaluate_checkpoint
 from resnet.plots import plot_confusion_matrix, plot_misclassified, write_confusion_csv, write_per_class_csv
+from resnet.split_evaluation import SplitEvaluation, evaluate_checkpoint
 from resnet.stage import run_stage
 from resnet.utils import resolve_device, write_json
 

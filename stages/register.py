@@ -15,7 +15,7 @@ from resnet import paths, tracking
 from resnet.checkpoint import load_checkpoint
 from resnet.config import ConfigError, Params
 from resnet.data.store import load_split
-from resnet.evaluation import check_belongs_to_run
+from resnet.split_evaluation import check_belongs_to_run
 from resnet.stage import run_stage
 from resnet.utils import PipelineError, read_handover_json, write_json
 

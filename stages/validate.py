@@ -10,8 +10,8 @@ import sys
 
 from resnet import paths, tracking
 from resnet.config import Params
-from resnet.evaluation import evaluate_checkpoint
 from resnet.plots import write_confusion_csv, write_per_class_csv
+from resnet.split_evaluation import evaluate_checkpoint
 from resnet.stage import run_stage
 from resnet.utils import resolve_device, write_json
 

@@ -37,11 +37,11 @@ from resnet.evaluation import (
     confusion_matrix,
     evaluate,
     per_class_metrics,
-    trained_with,
 )
 from resnet.loader import DeviceLoader
 from resnet.models import build_model
 from resnet.plots import plot_confusion_matrix, plot_misclassified
+from resnet.split_evaluation import trained_with
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,9 +5,10 @@ Reads top to bottom:
 * pure metric functions on NumPy arrays (:func:`confusion_matrix`,
   :func:`per_class_metrics`), easy to check by hand;
 * :class:`EvalResult` and :func:`evaluate`, which runs a model over a loader (training's
-  per-epoch validation runs it too, so train.json and val.json agree);
-* loading a checkpoint for evaluation, checking that it fits the data.
+  per-epoch validation runs it too, so train.json and val.json agree).
 
+A checkpoint evaluated on a prepared split (what the validate and evaluate stages do)
+is :mod:`resnet.split_evaluation`.
 The files the validate and evaluate stages draw from a result are in :mod:`resnet.plots`.
 
 Metric names are the same for every split; only the prefix differs (``val_accuracy``,
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,10 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from resnet.models import ResNet
-from resnet.paths import CHECKPOINTS, PREPARED
-from resnet.runtime import autocast, resolve_precision
+from resnet.runtime import autocast
 from resnet.utils import PipelineError
 
 __all__ = [
@@ -40,11 +37,6 @@ __all__ = [
     "per_class_metrics",
     "EvalResult",
     "evaluate",
-    "load_model_for_data",
-    "SplitEvaluation",
-    "trained_with",
-    "evaluate_checkpoint",
-    "check_belongs_to_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -336,212 +328,3 @@ def _result(out: _PassOutputs, num_classes: int) -> EvalResult:
         misclassified_indices=wrong.nonzero().squeeze(1).cpu().numpy(),
         misclassified_probabilities=out.probs[wrong].cpu().numpy(),
     )
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def load_model_for_data(
-    path: str | Path,
-    classes: Sequence[str],
-    *,
-    channels: int | None = None,
-    image_size: Sequence[int] | None = None,
-    data_source: str = "the prepared data",
-) -> tuple[ResNet, dict[str, Any]]:
-    """Load the checkpoint at ``path`` and rebuild its model, checking that it fits the data.
-
-    Args:
-        path: checkpoint file (``models/best.pt``).
-        classes: the data's class names, index = label (``meta.json``'s ``classes``).
-        channels, image_size: the data's, when known; a channel mismatch is an error,
-            an image-size mismatch only a warning (the network pools globally).
-        data_source: where ``classes`` came from, for error messages.
-
-    Returns:
-        (model on the CPU, the checkpoint dict).
-
-    Raises:
-        CheckpointError: missing, truncated, corrupt, or weights that do not fit the architecture.
-        EvaluationError: the checkpoint was trained on other classes or channels.
-    """
-    path = Path(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    trained_on = list(ckpt["classes"])
-    if trained_on != list(classes):
-        raise EvaluationError(
-            f"checkpoint {path} was trained on classes {_short(trained_on)} but {data_source} lists "
-            f"{_short(list(classes))}; retrain on this data (dvc repro train) or prepare the data "
-            "the model was trained on"
-        )
-    in_channels = ckpt["arch"].get("in_channels")
-    if channels is not None and in_channels != channels:
-        raise EvaluationError(
-            f"checkpoint {path} expects {in_channels}-channel images but {data_source} has {channels}; "
-            "set data.channels to match the model, or retrain (dvc repro train)"
-        )
-    trained_size = ckpt.get("image_size")
-    if image_size is not None and trained_size is not None and list(trained_size) != list(image_size):
-        log.warning(
-            "checkpoint %s was trained on %s images, the data is %s; evaluating anyway",
-            path,
-            list(trained_size),
-            list(image_size),
-        )
-    try:
-        model = model_from_checkpoint(ckpt)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"checkpoint {path} cannot rebuild its model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "it was written by an incompatible version; rerun training (dvc repro train)"
-        ) from e
-    return model, ckpt
-
-
-@dataclass
-class SplitEvaluation:
-    """A checkpoint evaluated on one prepared split: what the validate and evaluate stages write."""
-
-    result: EvalResult
-    checkpoint: Path
-    epoch: int | None
-    classes: list[str]
-    images: np.ndarray  # the split's uint8 images, for the misclassified grid
-
-    def metrics(self, prefix: str) -> dict[str, Any]:
-        """The metrics JSON: prefixed numbers plus which checkpoint they describe.
-
-        Per-class numbers go to the per-class CSV rather than here: nested in the JSON
-        they would become one ``dvc metrics show`` column per class and metric.
-        """
-        return {
-            **self.result.flat_metrics(prefix),
-            "checkpoint": str(self.checkpoint),
-            "epoch": self.epoch,
-            "num_images": self.result.num_images,
-            "num_classes": self.result.num_classes,
-            # The accuracy of always answering the split's commonest class: what "learned nothing" scores.
-            "chance_accuracy": self.result.chance_accuracy,
-            "topk": self.result.topk,
-        }
-
-
-def trained_with(ckpt: dict[str, Any], device: torch.device) -> tuple[str, bool]:
-    """(precision, channels_last) of the checkpoint's training run, as its per-epoch validation used them on ``device``.
-
-    A checkpoint without params (not written by training) is evaluated in fp32, NCHW.
-    """
-    train = ckpt.get("params", {}).get("train", {})
-    return resolve_precision(train.get("precision", "fp32"), device), bool(train.get("channels_last", False))
-
-
-def evaluate_checkpoint(
-    which: str,
-    split: str,
-    batch_size: int,
-    *,
-    device: torch.device,
-    data_dir: str | Path = PREPARED,
-    run_id: str | None = None,
-) -> SplitEvaluation:
-    """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised, and computed, as in training.
-
-    The precision and memory format are those the training run validated in (:func:`trained_with`),
-    so on the validation split this reproduces the val_* numbers training recorded for that epoch.
-
-    Raises CheckpointError, EvaluationError or resnet.data.errors.DataError with a message
-    that names the bad file or value and the fix.
-    """
-    data_dir, checkpoint = Path(data_dir), CHECKPOINTS[which]
-    try:
-        model, ckpt, classes, images, loader, precision = _load_for_split(
-            checkpoint, data_dir, split, batch_size, device, run_id
-        )
-    except (KeyError, ValueError) as e:
-        if isinstance(e, EvaluationError):
-            raise
-        raise EvaluationError(f"cannot evaluate {checkpoint} on {data_dir}/{split}: {e}") from e
-    n, epoch = len(images), ckpt.get("epoch")
-    log.info(
-        "evaluating %s (epoch %s) on %d %s images on %s, precision %s", checkpoint, epoch, n, split, device, precision
-    )
-    result = evaluate(model, loader, len(classes), device=device, precision=precision)
-    log.info("%s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in result.flat_metrics().items()))
-    bad = {k: v for k, v in result.flat_metrics(split).items() if not np.isfinite(v)}
-    if bad:
-        raise EvaluationError(
-            f"{checkpoint} gives non-finite metrics on {split} ({_short(sorted(bad))}): the model diverged; "
-            "lower train.lr or check the data, then retrain (dvc repro train)"
-        )
-    return SplitEvaluation(result, checkpoint, epoch, classes, images)
-
-
-def _load_for_split(
-    checkpoint: Path, data_dir: Path, split: str, batch_size: int, device: torch.device, run_id: str | None
-) -> tuple[ResNet, dict[str, Any], list[str], np.ndarray, Any, str]:
-    """The checkpoint's model (checked against the data and the run) and a loader over the split, as in training."""
-    from resnet.data.store import load_meta, load_split
-    from resnet.loader import DeviceLoader
-
-    meta = load_meta(data_dir)
-    classes = list(meta["classes"])
-    model, ckpt = load_model_for_data(
-        checkpoint,
-        classes,
-        channels=meta.get("channels"),
-        image_size=meta.get("image_size"),
-        data_source=str(data_dir / "meta.json"),
-    )
-    check_belongs_to_run(checkpoint, ckpt, run_id)
-    _check_finite_weights(checkpoint, ckpt)
-    images, labels = load_split(data_dir, split)
-    precision, channels_last = trained_with(ckpt, torch.device(device))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # The checkpoint's statistics, not recomputed ones: exactly what the model saw in training.
-    loader = DeviceLoader(
-        images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device, channels_last=channels_last
-    )
-    return model, ckpt, classes, images, loader, precision
-
-
-def check_belongs_to_run(checkpoint: Path, ckpt: dict[str, Any], run_id: str | None) -> None:
-    """Refuse a checkpoint that the train stage did not write for MLflow run ``run_id`` (run.json's run).
-
-    ``run_id`` None: no run to check against (evaluation outside the pipeline).
-    """
-    if run_id is None:
-        return
-    extra = ckpt.get("extra")
-    own = extra.get("run_id") if isinstance(extra, dict) else None
-    if own is None:
-        raise EvaluationError(
-            f"checkpoint {checkpoint} records no MLflow run, so it was not written by the train stage of run "
-            f"{run_id} in models/run.json; rerun training (dvc repro -f train)"
-        )
-    if own != run_id:
-        raise EvaluationError(
-            f"checkpoint {checkpoint} belongs to MLflow run {own}, not to run {run_id} in models/run.json; "
-            "rerun training (dvc repro -f train) so checkpoint and run.json agree"
-        )
-
-
-def _check_finite_weights(checkpoint: Path, ckpt: dict[str, Any]) -> None:
-    bad = [
-        k
-        for k, v in ckpt["model"].items()
-        if isinstance(v, Tensor) and v.is_floating_point() and not v.isfinite().all()
-    ]
-    if bad:
-        raise EvaluationError(
-            f"checkpoint {checkpoint} has non-finite weights ({_short(bad)}): the training diverged; "
-            "lower train.lr or check the data, then retrain (dvc repro -f train)"
-        )
-
-
-def _short(items: list[str], limit: int = 12) -> str:
-    """A class list for an error message, cut short for CIFAR-100-sized lists."""
-    if len(items) <= limit:
-        return repr(items)
-    shown = ", ".join(repr(c) for c in items[:limit])
-    return f"[{shown}, ...] ({len(items)} classes)"
