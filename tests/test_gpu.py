@@ -143,3 +143,27 @@ def test_evaluate_on_gpu_in_each_precision(precision: str) -> None:
     out = evaluate(model, loader, 4, precision=precision)
     assert math.isfinite(out.loss) and 0.0 <= out.accuracy <= 1.0
     assert np.isclose(out.loss, evaluate(model, loader, 4).loss, rtol=2e-2)
+
+
+def test_pyfunc_model_runs_on_the_gpu_by_default_and_agrees_with_the_cpu(tmp_path: Path) -> None:
+    """model_config device auto picks the GPU; its answers equal the CPU's up to float rounding."""
+    from types import SimpleNamespace
+
+    from test_tracking import _checkpoint
+
+    from resnet.tracking.model import ResNetClassifier
+
+    _checkpoint(tmp_path / "best.pt")
+    images = np.random.default_rng(0).integers(0, 256, (9, 24, 24, 3), dtype=np.uint8)
+    answers = {}
+    for device in ("auto", "cpu"):
+        model = ResNetClassifier()
+        model.load_context(
+            SimpleNamespace(artifacts={"checkpoint": str(tmp_path / "best.pt")}, model_config={"device": device})
+        )
+        assert model.device.type == ("cuda" if device == "auto" else "cpu")
+        answers[device] = model.predict(None, images)
+    assert list(answers["auto"]["label"]) == list(answers["cpu"]["label"])
+    np.testing.assert_allclose(
+        answers["auto"].filter(like="prob_"), answers["cpu"].filter(like="prob_"), rtol=0, atol=1e-4
+    )

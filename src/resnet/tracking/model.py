@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, Schema
 
 from resnet import preprocess
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
@@ -23,68 +24,157 @@ from resnet.loader import DeviceLoader
 from resnet.tracking.runs import PipelineRun
 from resnet.tracking.store import TrackingError, point_mlflow_at, quiet, resolve_tracking_uri
 
-__all__ = ["ResNetClassifier", "log_model", "load_pyfunc"]
+__all__ = ["InputError", "INPUT_CONTRACT", "request_images", "ResNetClassifier", "log_model", "load_pyfunc"]
 
 log = logging.getLogger("resnet.tracking")
+
+
+class InputError(MlflowException):
+    """A request the model refuses: a 400 answer whose message is exactly this one short line.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by
+    ``predict`` to ``Failed to predict data '<the whole input array>' ...`` (1.7 KB for
+    one 64x64 image); this message keeps the first value it was given.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
+#: The input contract, shown in the model's metadata (MLmodel) and docs. MLflow's own schema
+#: check would cast JSON numbers to the signature's dtype silently (0.5 -> 0, 300 -> 44) and
+#: answer a wrong rank with the input array in the message: the model checks its input itself.
+INPUT_CONTRACT = (
+    "images as a 4-d array (N, H, W, C): any height and width, C = 3 (RGB) or 1 (grayscale); pixel values "
+    "integers 0..255 (uint8, or numbers with integral values: JSON); floats in [0, 1] are refused, multiply by "
+    '255 and round. JSON: {"inputs": [image, ...]}, each image a list of rows of [r, g, b] pixels.'
+)
+
+
+def request_images(model_input: Any) -> np.ndarray:
+    """The request as uint8 images (N, H, W, C), or :class:`InputError` saying what is wrong and the fix."""
+    if isinstance(model_input, pd.DataFrame):
+        raise InputError(f"send images as a 4-d array, not a table; {INPUT_CONTRACT}")
+    try:
+        arr = np.asarray(model_input)
+    except ValueError as e:  # ragged nested lists
+        raise InputError(f"the images are not a regular 4-d array ({e}); {INPUT_CONTRACT}") from None
+    if arr.dtype.kind not in "uif":
+        raise InputError(f"pixel values must be numbers, got {arr.dtype.name} values; {INPUT_CONTRACT}")
+    if arr.ndim != 4:
+        hint = " (one image: wrap it in a list)" if arr.ndim == 3 else ""
+        raise InputError(f"expected images (N, H, W, C), got an array of shape {arr.shape}{hint}; {INPUT_CONTRACT}")
+    n, h, w, c = arr.shape
+    if n == 0 or h == 0 or w == 0:
+        raise InputError(f"the request holds no image (shape {arr.shape})")
+    if c not in (1, 3):
+        raise InputError(
+            f"images must have C = 1 (grayscale) or 3 (RGB) channels, got shape {arr.shape}; "
+            "drop an alpha channel: images[..., :3]"
+        )
+    try:
+        preprocess.check_pixels(w, h)
+    except preprocess.ImageError as e:
+        raise InputError(str(e)) from None
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        raise InputError(
+            f"pixel values must be integers 0..255, got floats in [{arr.min():g}, {arr.max():g}]: for images "
+            "scaled to [0, 1], multiply by 255 and round"
+        )
+    if arr.min() < 0 or arr.max() > 255:
+        raise InputError(f"pixel values must be 0..255, got values in [{arr.min():g}, {arr.max():g}]")
+    return arr.astype(np.uint8)
 
 
 class ResNetClassifier(mlflow.pyfunc.PythonModel):
     """Raw images in, class probabilities and labels out.
 
-    Input: uint8 array (N, H, W, C) of any height and width, C = 3 (RGB) or 1
-    (grayscale), as images are decoded (PIL, OpenCV, imageio). Each image goes the
-    split stage's way to the model's input (:func:`resnet.preprocess.batch_pixels`:
-    RGB, resize to the training size, grayscale for a 1-channel model), then the
-    training normalisation (:class:`resnet.loader.DeviceLoader`). MLflow's schema
-    check wants 4 dimensions: pass a grayscale batch as (N, H, W, 1). Output: a
-    DataFrame with ``label`` (class name), ``class_index``, ``confidence`` and one
-    ``prob_<class>`` column per class.
+    Input: see :data:`INPUT_CONTRACT`, as images are decoded (PIL, OpenCV, imageio),
+    checked by :func:`request_images`. Each image goes the split stage's way to the
+    model's input (:func:`resnet.preprocess.batch_pixels`: RGB, resize to the training
+    size, grayscale for a 1-channel model), then the training normalisation
+    (:class:`resnet.loader.DeviceLoader`), ``batch_size`` images at a time so that a
+    large request needs memory for one batch of model inputs only. Output: a DataFrame
+    with ``label`` (class name), ``class_index``, ``confidence`` and one ``prob_<class>``
+    column per class.
+
+    Settings (``model_config``, given at logging or to ``mlflow.pyfunc.load_model(...,
+    model_config={...})``): ``device`` ("auto": a CUDA GPU where there is one, else
+    the CPU; or "cpu", "cuda", "cuda:1") and ``batch_size``.
     """
 
-    batch_size = 256
-
     def load_context(self, context: Any) -> None:
+        config = {**DEFAULT_CONFIG, **(getattr(context, "model_config", None) or {})}
+        self.device = _serving_device(str(config["device"]))
+        self.batch_size = int(config["batch_size"])
+        if self.batch_size < 1:
+            raise MlflowException(f"model_config batch_size must be at least 1, got {config['batch_size']!r}")
         ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
-        self.model = model_from_checkpoint(ckpt).eval()
+        self.model = model_from_checkpoint(ckpt).eval().to(self.device)
         self.classes = list(ckpt["classes"])
         self.image_size = preprocess.as_size(ckpt.get("image_size"))
         self.channels = ckpt["arch"]["in_channels"]
         self.mean, self.std = list(ckpt["mean"]), list(ckpt["std"])
 
-    # np.ndarray: MLflow infers no schema from it (the logged signature describes the input).
+    # np.ndarray: MLflow infers no schema from this hint (the model checks its input itself, any type).
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        images = preprocess.batch_pixels(np.asarray(model_input), self.image_size, self.channels)
-        probs = []
-        if len(images):
-            loader = DeviceLoader(
-                images,
-                np.zeros(len(images), dtype=np.int64),
-                self.batch_size,
-                mean=self.mean,
-                std=self.std,
-                device="cpu",
-            )
-            with torch.inference_mode():
-                probs = [torch.softmax(self.model(x), dim=1) for x, _ in loader]
-        p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
+        images = request_images(model_input)
+        probs = [self._probabilities(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        p = np.concatenate(probs)
         idx = p.argmax(axis=1)
         out = pd.DataFrame(
             {
                 "label": [self.classes[i] for i in idx],
                 "class_index": idx.astype(np.int64),
-                "confidence": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
+                "confidence": p.max(axis=1).astype(np.float64),
             }
         )
         for i, c in enumerate(self.classes):
             out[f"prob_{c}"] = p[:, i].astype(np.float64)
         return out
 
+    def _probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Softmax of one batch: resized, normalised and run on the model's device."""
+        pixels = preprocess.batch_pixels(images, self.image_size, self.channels)
+        labels = np.zeros(len(pixels), dtype=np.int64)
+        loader = DeviceLoader(pixels, labels, len(pixels), mean=self.mean, std=self.std, device=self.device)
+        with torch.inference_mode():
+            return torch.cat([torch.softmax(self.model(x).float(), dim=1) for x, _ in loader]).cpu().numpy()
+
+
+#: model_config defaults: the GPU where there is one, and batches that fit any machine.
+DEFAULT_CONFIG = {"device": "auto", "batch_size": 64}
+
+
+def _serving_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MlflowException(f"model_config device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("model_config device %r: no CUDA GPU here; running on the CPU", name)
+        return torch.device("cpu")
+    return device
+
 
 def _signature(ckpt: dict[str, Any]) -> ModelSignature:
-    """uint8 images of any number, height, width and channels in (the model refuses C not 1 or 3)."""
+    """The output columns; no input schema (see :data:`INPUT_CONTRACT`: the model checks its input)."""
     outputs = [ColSpec("string", "label"), ColSpec("long", "class_index"), ColSpec("double", "confidence")]
     outputs += [ColSpec("double", f"prob_{name}") for name in ckpt["classes"]]
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]), outputs=Schema(outputs))
+    return ModelSignature(inputs=None, outputs=Schema(outputs))
 
 
 def log_model(run: PipelineRun, checkpoint_path: str | Path, example_images: np.ndarray) -> str:
@@ -119,6 +209,8 @@ def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.n
         code_paths=[str(Path(resnet.__file__).parent)],
         signature=_signature(ckpt),
         input_example=example,
+        model_config=DEFAULT_CONFIG,
+        metadata={"input": INPUT_CONTRACT, "classes": list(ckpt["classes"]), "image_size": ckpt.get("image_size")},
         # Pinned explicitly: inferring requirements starts a subprocess that loads the model.
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",
