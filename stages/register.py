@@ -15,6 +15,7 @@ from resnet import paths, tracking
 from resnet.checkpoint import load_checkpoint
 from resnet.config import ConfigError, Params
 from resnet.data.store import load_split
+from resnet.export import export_onnx
 from resnet.split_evaluation import check_belongs_to_run
 from resnet.stage import run_stage
 from resnet.utils import PipelineError, read_handover_json, write_json
@@ -45,7 +46,19 @@ def run(params: Params) -> None:
         checkpoint = Path(test["checkpoint"])
         check_belongs_to_run(checkpoint, load_checkpoint(checkpoint), mlrun.run_id)
         example, _ = load_split(paths.PREPARED, "test")
-        result = tracking.register_checkpoint(mlrun, checkpoint, example[:2], rp.model_name, rp.metric, metrics)
+        # The portable export first: a checkpoint onnxruntime cannot reproduce is not registered.
+        onnx = export_onnx(checkpoint, paths.ONNX_MODEL, check_images=example[:16])
+        mlrun.log_artifacts([paths.ONNX_MODEL], artifact_path="onnx")
+        result = tracking.register_checkpoint(
+            mlrun,
+            checkpoint,
+            example[:2],
+            rp.model_name,
+            rp.metric,
+            metrics,
+            {"onnx.max_abs_diff": f"{onnx['max_abs_diff']:.3g}"},
+        )
+        result["onnx"] = onnx
         mlrun.set_tags(
             {"registered_model": f"{result['model_name']}/{result['version']}", "registered_alias": result["alias"]}
         )

@@ -110,6 +110,10 @@ def test_a_failed_register_fails_the_run_with_its_reason_and_a_rerun_finishes_it
     assert run.info.status == "FINISHED" and run.data.tags["pipeline.stage.register"] == "finished"
     assert "pipeline.failure" not in run.data.tags and "pipeline.failed_stage" not in run.data.tags
     first = json.loads(paths.REGISTER_RESULT.read_text())
+    # The portable export went with it, checked against PyTorch, and the version says by how much.
+    assert paths.ONNX_MODEL.is_file() and first["onnx"]["max_abs_diff"] <= 1e-4
+    version = MlflowClient().get_model_version(first["model_name"], str(first["version"]))
+    assert float(version.tags["onnx.max_abs_diff"]) == pytest.approx(first["onnx"]["max_abs_diff"], rel=1e-2, abs=1e-12)
 
     # Register again for the same run and checkpoint (a kill after registering): no second version.
     assert _stage("register", monkeypatch).main() == 0

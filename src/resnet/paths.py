@@ -45,6 +45,7 @@ TEST_MISCLASSIFIED_PNG = Path("plots/test/misclassified.png")
 
 # register
 REGISTER_RESULT = Path("metrics/register.json")
+ONNX_MODEL = MODELS / "model.onnx"  # the registered checkpoint exported for onnxruntime (resnet.export)
 
 _TRAINED = [BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_FILE]
 
@@ -65,5 +66,5 @@ STAGE_OUTPUTS: dict[str, list[Path]] = {
     "train": [*_TRAINED, TRAIN_METRICS, TRAIN_HISTORY],
     "validate": [VAL_METRICS, VAL_CONFUSION, VAL_PER_CLASS],
     "evaluate": [TEST_METRICS, TEST_CONFUSION, TEST_PER_CLASS, TEST_CONFUSION_PNG, TEST_MISCLASSIFIED_PNG],
-    "register": [REGISTER_RESULT],
+    "register": [ONNX_MODEL, REGISTER_RESULT],
 }

@@ -216,12 +216,19 @@ def _registered_before(client: MlflowClient, name: str, run_id: str, digest: str
 
 
 def register_checkpoint(
-    run: PipelineRun, checkpoint: str | Path, example: np.ndarray, name: str, metric: str, metrics: dict[str, float]
+    run: PipelineRun,
+    checkpoint: str | Path,
+    example: np.ndarray,
+    name: str,
+    metric: str,
+    metrics: dict[str, float],
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Log ``checkpoint`` as the run's pyfunc model and register it, once.
 
     A rerun for the same run and checkpoint (register killed after registering, or
     register.metric changed) reuses that version and only decides the aliases again.
+    ``tags``: more version tags (the register stage's ONNX check).
     """
     check_registrable(metrics, metric)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
@@ -229,6 +236,7 @@ def register_checkpoint(
     _ensure_registered_model(client, name)
     existing = _registered_before(client, name, run.run_id, digest)
     if existing is None:
-        return register_model(run, log_model(run, checkpoint, example), name, metric, metrics, {CHECKPOINT_TAG: digest})
+        model_uri = log_model(run, checkpoint, example)
+        return register_model(run, model_uri, name, metric, metrics, {**(tags or {}), CHECKPOINT_TAG: digest})
     log.info("run %s registered this checkpoint as %s v%s already: not again", run.run_id, name, existing.version)
     return _register(client, run, name, metric, float(metrics[metric]), lambda: int(existing.version))
