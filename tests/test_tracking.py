@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -206,29 +207,21 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
     np.testing.assert_allclose(np.array(got["probs"]), expected, rtol=1e-4, atol=1e-5)
     assert got["labels"] == [CLASSES[i] for i in expected.argmax(1)]
 
-    # The inference command prints the top classes of each image file.
+    # The inference command writes the top classes of each image file as CSV.
     Image.fromarray(images[0]).save("a.png")
     Image.fromarray(np.zeros((40, 24), dtype=np.uint8)).save("gray-and-larger.png")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "resnet.predict",
-            "--model",
-            "models:/tiny@champion",
-            "--top-k",
-            "2",
-            "a.png",
-            "gray-and-larger.png",
-        ],
+        [sys.executable, "-m", "resnet.predict", "--model", "models:/tiny@champion", "--top-k", "2"]
+        + ["a.png", "gray-and-larger.png"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("a.png: " + CLASSES[int(expected[0].argmax())])
-    assert lines[1].startswith("gray-and-larger.png: ") and lines[1].count(",") == 1
+    rows = list(csv.reader(proc.stdout.splitlines()))
+    assert rows[0] == ["path", "label", "confidence", "top1_label", "top1_prob", "top2_label", "top2_prob"]
+    assert rows[1][:2] == ["a.png", CLASSES[int(expected[0].argmax())]] and rows[2][0] == "gray-and-larger.png"
+    assert "classified 2 images, skipped 0 -> standard output" in proc.stderr
 
     proc = subprocess.run(
         [sys.executable, "-m", "resnet.predict", "--model", "models:/nope@champion", "a.png"],
@@ -342,7 +335,8 @@ def test_pyfunc_takes_any_size_and_grayscale_exactly_as_training_does(repo: Path
 def test_predict_refuses_a_decompression_bomb_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A PNG of 20000 x 20000 (50 KB): one error line naming the file and the limit, exit status 1, no traceback."""
+    """A PNG of 20000 x 20000 (50 KB): skipped in one warning line naming the file and the limit; with nothing
+    else to classify, exit status 1 and one error line, no traceback."""
     from archives import png_bomb
 
     bomb = tmp_path / "bomb.png"
@@ -350,8 +344,10 @@ def test_predict_refuses_a_decompression_bomb_in_one_line(
     monkeypatch.setattr(tracking, "load_pyfunc", lambda uri, params: None)  # never asked to predict
     argv = ["--model", "models:/m@champion", "--params", str(tmp_path / "none.yaml"), str(bomb)]
     assert predict.main(argv) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"skipped: cannot read image {bomb}: image (400,000,000 pixels)")
+    assert "over the limit of 89,478,485 pixels" in warnings[0]
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].exc_info is None
-    message = errors[0].getMessage()
-    assert "\n" not in message and message.startswith(f"cannot read image {bomb}: image (400,000,000 pixels)")
-    assert "over the limit of 89,478,485 pixels" in message
+    assert errors[0].getMessage() == "no image could be classified (1 skipped, see above)"

@@ -96,7 +96,10 @@ def decode(data: bytes) -> np.ndarray:
     except Image.DecompressionBombError as e:  # past PIL's own hard limit: it gives no dimensions
         found = re.search(r"\((\d+) pixels\)", str(e))
         raise (_too_large(int(found[1])) if found else ImageError(f"cannot decode image: {e}")) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        # PIL's message names only its in-memory buffer ("<_io.BytesIO object at 0x...>").
+        raise ImageError("cannot decode image: not an image file, or a format PIL cannot read") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
 
 
