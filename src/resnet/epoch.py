@@ -75,11 +75,7 @@ def train_one_epoch(
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
             _check_finite(first_bad, epoch, steps)
         if not bar.disable and (step + 1) % POSTFIX_EVERY == 0:
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.4f}",
-                acc=f"{correct.item() / seen:.4f}",
-                img_s=f"{seen / (time.perf_counter() - t0):.0f}",
-            )
+            _show_progress(bar, loss_sum, correct, seen, t0)
     bar.close()
     train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # syncs: the timing is honest
     seconds = time.perf_counter() - t0
@@ -91,6 +87,15 @@ def train_one_epoch(
         "images_per_sec": seen / seconds,
         "lr": lr,
     }
+
+
+def _show_progress(bar: tqdm, loss_sum: Tensor, correct: Tensor, seen: int, t0: float) -> None:
+    """The bar's running loss, accuracy and speed (two syncs: only every POSTFIX_EVERY steps, only on a terminal)."""
+    bar.set_postfix(
+        loss=f"{loss_sum.item() / seen:.4f}",
+        acc=f"{correct.item() / seen:.4f}",
+        img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+    )
 
 
 def _optimizer_step(

@@ -38,12 +38,11 @@ from tqdm.auto import tqdm
 from resnet import preprocess, tracking
 from resnet.config import load_params
 from resnet.data.archives import iter_archive
+from resnet.data.datasets import IMAGE_EXTENSIONS
 from resnet.utils import PipelineError, atomic_path, progress_enabled, setup_logging
 
 log = logging.getLogger("resnet.predict")
 
-#: What folders and archives are searched for (a file named on the command line is always read).
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
 #: One input: its name in the CSV, and how to get its bytes (called when its batch is read).
@@ -55,7 +54,8 @@ class InputError(PipelineError):
 
 
 def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+    """What folders and archives are searched for, as in the split stage (a file named by the user is always read)."""
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:

@@ -306,11 +306,14 @@ class Trainer:
         BatchNorm's running statistics, shows here first.
         """
         model = self.parts.model
-        tensors = itertools.chain(model.named_parameters(), model.named_buffers())
-        bad = [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        named = itertools.chain(model.named_parameters(), model.named_buffers())
+        tensors = [(n, t) for n, t in named if t.is_floating_point()]
         loss = val.get("val_loss")
-        if not bad and (loss is None or math.isfinite(loss)):
+        # One host sync for the whole model; the names are looked up only when something is wrong.
+        finite = bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()) if tensors else True
+        if finite and (loss is None or math.isfinite(loss)):
             return
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
         what = f"validation loss {loss}" if loss is not None and not math.isfinite(loss) else ""
         if bad:
             shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")

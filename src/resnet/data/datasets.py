@@ -96,26 +96,12 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
     all_names = names
     names = [n for n in names if not _is_junk(n) and not n.endswith("/")]
     parts = [n.split("/") for n in names]
-    top_dirs = sorted({p[0] for p in parts if len(p) > 1})
-
-    def has_train(depth: int) -> bool:
-        return any(len(p) >= depth + 3 and p[depth].lower() == "train" for p in parts)
-
-    if has_train(0):
-        depth, prefix = 0, ""
-    elif len(top_dirs) == 1 and has_train(1):
-        depth, prefix = 1, top_dirs[0] + "/"
-    else:
-        raise DataError(
-            f"{where}: no train/ folder found; an image folder must be laid out as "
-            f"train/<class>/<image> (and optionally test/<class>/<image>), possibly inside one top-level "
-            f"folder; found top-level folders {top_dirs[:10]}"
-        )
+    depth, prefix = _split_folders_depth(parts, where)
     layout: dict[str, list[str]] = {"train": []}
     ignored_dirs: set[str] = set()
     skipped: list[str] = []
     for n, p in zip(names, parts, strict=True):
-        if len(p) < depth + 3 or (depth and p[0] != top_dirs[0]):
+        if len(p) < depth + 3 or (depth and p[0] + "/" != prefix):
             skipped.append(n)
             continue
         split = p[depth].lower()
@@ -126,6 +112,38 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
             skipped.append(n)
             continue
         layout.setdefault(split, []).append(n)
+    _warn_unread(where, ignored_dirs, skipped)
+    if not layout["train"]:
+        raise DataError(f"{where}: the train/ folder holds no images ({sorted(IMAGE_EXTENSIONS)})")
+    empty = sorted(_train_class_folders(all_names, depth, prefix) - {_class_of(n, prefix) for n in layout["train"]})
+    if empty:
+        raise DataError(
+            f"{where}: class folder(s) {[f'{prefix}train/{c}/' for c in empty]} hold no images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images to them or remove them"
+        )
+    return prefix, layout
+
+
+def _split_folders_depth(parts: list[list[str]], where: Path) -> tuple[int, str]:
+    """(0, "") when train/ is at the top, (1, "<top>/") when it is inside one top-level folder."""
+    top_dirs = sorted({p[0] for p in parts if len(p) > 1})
+
+    def has_train(depth: int) -> bool:
+        return any(len(p) >= depth + 3 and p[depth].lower() == "train" for p in parts)
+
+    if has_train(0):
+        return 0, ""
+    if len(top_dirs) == 1 and has_train(1):
+        return 1, top_dirs[0] + "/"
+    raise DataError(
+        f"{where}: no train/ folder found; an image folder must be laid out as "
+        f"train/<class>/<image> (and optionally test/<class>/<image>), possibly inside one top-level "
+        f"folder; found top-level folders {top_dirs[:10]}"
+    )
+
+
+def _warn_unread(where: Path, ignored_dirs: set[str], skipped: list[str]) -> None:
+    """Say what of an image folder is not read: folders beside train/test, files that are not images."""
     if ignored_dirs:
         log.warning(
             "%s: ignored folder(s) %s beside train/test: only train and test are read "
@@ -140,15 +158,6 @@ def imagefolder_layout(names: list[str], where: Path) -> tuple[str, dict[str, li
             len(skipped),
             skipped[:3],
         )
-    if not layout["train"]:
-        raise DataError(f"{where}: the train/ folder holds no images ({sorted(IMAGE_EXTENSIONS)})")
-    empty = sorted(_train_class_folders(all_names, depth, prefix) - {_class_of(n, prefix) for n in layout["train"]})
-    if empty:
-        raise DataError(
-            f"{where}: class folder(s) {[f'{prefix}train/{c}/' for c in empty]} hold no images "
-            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images to them or remove them"
-        )
-    return prefix, layout
 
 
 def _train_class_folders(names: list[str], depth: int, prefix: str) -> set[str]:

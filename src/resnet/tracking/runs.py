@@ -149,9 +149,9 @@ def _failure_text(e: BaseException) -> str:
     return (first if isinstance(e, PipelineError) and first else f"{type(e).__name__}: {first}")[:500]
 
 
-def _end_status(client: MlflowClient, run_id: str) -> str:
+def _end_status(tags: dict[str, str]) -> str:
     """FAILED / KILLED while a stage's last attempt failed / was interrupted, else FINISHED."""
-    states = {v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(STAGE_TAG)}
+    states = {v for k, v in tags.items() if k.startswith(STAGE_TAG)}
     return "FAILED" if "failed" in states else "KILLED" if "killed" in states else "FINISHED"
 
 
@@ -176,7 +176,7 @@ def _stage_status(run_id: str, stage: str) -> Iterator[None]:
     if tags.get(FAILED_STAGE) == stage:  # this stage's earlier failure is mended
         client.delete_tag(run_id, FAILED_STAGE)
         client.delete_tag(run_id, FAILURE)
-    mlflow.end_run(_end_status(client, run_id))
+    mlflow.end_run(_end_status(tags))
 
 
 def _reusable_run(run_file: Path, params: Params) -> str | None:
