@@ -7,15 +7,20 @@ redone, only its outputs and MLflow run completed (resnet.resume.find_resume_che
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from resnet import paths, tracking
+import torch
+
+from resnet import distributed, paths, tracking
 from resnet.config import Params
 from resnet.data.store import load_meta, load_split
+from resnet.distributed import World
 from resnet.loader import DeviceLoader
 from resnet.lock import exclusive_lock
 from resnet.resume import code_digest, find_resume_checkpoint
@@ -60,28 +65,64 @@ def _summary(result: TrainResult) -> dict[str, Any]:
 
 
 def run(params: Params) -> None:
-    # Params are valid (run_stage checked them); one training per workspace from here on.
-    with exclusive_lock(TRAIN_LOCK, "training"):
-        _train(params)
+    d = params.distributed
+    if distributed.needs_launcher(d):
+        # Several processes asked for: this one becomes torchrun's elastic agent and starts
+        # them, each running this very script (resnet.distributed).
+        distributed.launch(d, [__file__])
+        return
+    device = configure_torch(params.train)
+    world, device = distributed.setup(d, device)
+    try:
+        if not world.is_main:
+            # Rank 0 speaks for the group: the others log warnings and errors only, with no bars.
+            logging.getLogger().setLevel(logging.WARNING)
+            os.environ["RESNET_NO_PROGRESS"] = "1"
+        if device.type == "cpu" and params.train.num_threads == 0 and world.local_size > 1:
+            torch.set_num_threads(distributed.cpu_threads_per_process(world))
+        if device.type == "cpu":
+            # Process-wide, so here and not in the package: CPU steps then reuse freed activation memory.
+            keep_freed_memory()
+        # One training per workspace; rank 0 holds the lock for the group (the others write nothing).
+        with exclusive_lock(TRAIN_LOCK, "training") if world.is_main else contextlib.nullcontext():
+            _train(params, world, device)
+    finally:
+        distributed.teardown()
 
 
-def _train(params: Params) -> None:
+def _loaders(params: Params, meta: dict[str, Any], world: World, device: torch.device) -> tuple[DeviceLoader, ...]:
+    """This process's loaders: its share of every global batch, and its share of the validation split."""
     tp = params.train
-    device = configure_torch(tp)
-    if device.type == "cpu":
-        # Process-wide, so here and not in the package: CPU steps then reuse freed activation memory.
-        keep_freed_memory()
-    meta = load_meta(paths.PREPARED)
     (train_x, train_y), (val_x, val_y) = load_split(paths.PREPARED, "train"), load_split(paths.PREPARED, "val")
     norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
-    train_loader = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed, **norm)
-    val_loader = DeviceLoader(val_x, val_y, tp.batch_size, train=False, **norm)
+    share = {"rank": world.rank, "world_size": world.size, "accumulation": params.distributed.accumulation_steps}
+    train = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed, **norm, **share)
+    part = distributed.shard(len(val_y), world)
+    return train, DeviceLoader(val_x[part], val_y[part], tp.batch_size, train=False, **norm)
+
+
+def _train(params: Params, world: World, device: torch.device) -> None:
+    meta = load_meta(paths.PREPARED)
+    train_loader, val_loader = _loaders(params, meta, world, device)
     code = code_digest(__file__)
-    resume = find_resume_checkpoint(params, meta, paths.MODELS, code)
+    # Rank 0 decides (it alone may see models/ on a machine of its own) and hands the checkpoint to all.
+    resume = distributed.broadcast_object(
+        find_resume_checkpoint(params, meta, paths.MODELS, code) if world.is_main else None
+    )
+    if not world.is_main:
+        fit(params, meta, train_loader, val_loader, paths.MODELS, resume=resume, world=world)
+        return
 
     # A resumed training logs into the MLflow run of the interrupted one.
     run_id = (resume or {}).get("extra", {}).get("run_id")
     with tracking.start_run(params, meta, device, paths.RUN_FILE, resume_run_id=run_id) as mlrun:
+        mlrun.set_tags(
+            {
+                "distributed.world_size": world.size,
+                "train.global_batch": train_loader.global_batch,
+                "train.batch_size_per_process": params.train.batch_size,
+            }
+        )
         if resume and resume.get("history"):
             # The epoch saved just before the interruption may not have reached MLflow.
             last = resume["history"][-1]
@@ -95,6 +136,7 @@ def _train(params: Params) -> None:
             resume=resume,
             extra={"run_id": mlrun.run_id, "code": code},
             on_epoch=mlrun.log_epoch,
+            world=world,
         )
         summary = _summary(result)
         write_json(paths.TRAIN_METRICS, summary)

@@ -32,6 +32,7 @@ __all__ = [
     "EvaluateParams",
     "RegisterParams",
     "TrackingParams",
+    "DistributedParams",
     "Params",
     "load_params",
     "parse_params",
@@ -195,6 +196,32 @@ class TrackingParams:
 
 
 @dataclass
+class DistributedParams:
+    """`distributed` section: how many processes train together (resnet.distributed)."""
+
+    # Processes on this machine (GPUs, or CPU process groups); 1 = one process, no torch.distributed.
+    nproc_per_node: int = _opt(ge=1, le=1024)
+    # Machines; above 1, every machine runs the train stage with these params in one shared workspace.
+    nnodes: int = _opt(ge=1, le=4096)
+    # host:port of the c10d rendezvous (a machine every node reaches); null = this machine, a free port.
+    rdzv_endpoint: str | None = _opt()
+    backend: str = _opt(choices=("auto", "nccl", "gloo"))
+    # BatchNorm statistics over the global batch instead of each process's share.
+    sync_batchnorm: bool = _opt()
+    # Micro-batches of train.batch_size summed into one optimizer step.
+    accumulation_steps: int = _opt(ge=1, le=1024)
+    # Times the launcher restarts all processes after one fails (they resume from models/last.pt).
+    max_restarts: int = _opt(ge=0, le=100)
+    # Seconds to wait for the rendezvous, for a peer, or for one collective before failing.
+    timeout: float = _opt(gt=0.0)
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all (nodes x processes per node)."""
+        return self.nnodes * self.nproc_per_node
+
+
+@dataclass
 class Params:
     """The whole params.yaml."""
 
@@ -205,6 +232,13 @@ class Params:
     evaluate: EvaluateParams = _section()
     register: RegisterParams = _section()
     tracking: TrackingParams = _section()
+    distributed: DistributedParams = _section()
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step: train.batch_size x processes x accumulation steps."""
+        d = self.distributed
+        return self.train.batch_size * d.world_size * d.accumulation_steps
 
 
 def _type_name(tp: Any) -> str:
@@ -375,10 +409,33 @@ def _check_model(p: Params) -> None:
         )
 
 
+def _check_distributed(d: DistributedParams, device_type: str) -> None:
+    import torch
+
+    if d.rdzv_endpoint is not None:
+        host, _, port = d.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"distributed.rdzv_endpoint: {d.rdzv_endpoint!r} is not host:port (e.g. node0.example.org:29400)"
+            )
+    elif d.nnodes > 1:
+        raise ConfigError(
+            f"distributed.rdzv_endpoint: null, but distributed.nnodes is {d.nnodes}; give the host:port that "
+            "every machine reaches (the first node's address and a free port, e.g. node0:29400)"
+        )
+    if d.backend == "nccl" and device_type != "cuda":
+        raise ConfigError("distributed.backend: 'nccl' needs CUDA GPUs; set it to 'auto' (gloo on CPU) or 'gloo'")
+    if device_type == "cuda" and d.nproc_per_node > torch.cuda.device_count():
+        raise ConfigError(
+            f"distributed.nproc_per_node: {d.nproc_per_node} processes but {torch.cuda.device_count()} GPU(s) "
+            "here; use one process per GPU at most"
+        )
+
+
 def _check_cross_field(p: Params) -> None:
     """Rules that involve more than one key, or what a value means on this machine."""
     _check_schedule(p.train)
-    _check_device(p.train)
+    _check_distributed(p.distributed, _check_device(p.train))
     _check_model(p)
     if p.data.sha256 is not None and (
         len(p.data.sha256) != 64 or any(c not in "0123456789abcdef" for c in p.data.sha256.lower())
@@ -391,7 +448,7 @@ def parse_params(raw: Any) -> Params:
     if raw is None:
         raise ConfigError(
             "params.yaml is empty; it must hold every section (data, model, train, validate, "
-            "evaluate, register, tracking): restore it, e.g. `git checkout params.yaml`"
+            "evaluate, register, tracking, distributed): restore it, e.g. `git checkout params.yaml`"
         )
     params = _build(Params, raw, "")
     _check_cross_field(params)

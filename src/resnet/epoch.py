@@ -8,11 +8,13 @@ does not synchronise on every step. :mod:`resnet.training` strings epochs togeth
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from resnet.distributed import all_reduce_max, all_reduce_sum
 from resnet.loader import DeviceLoader
 from resnet.runtime import autocast
 from resnet.utils import PipelineError, progress_enabled
@@ -42,14 +44,20 @@ def train_one_epoch(
     epoch: int = 0,
     epochs: int = 1,
 ) -> dict[str, float]:
-    """One pass over ``loader`` (a batch = a step, schedule included); the caller sets train mode.
+    """One pass over ``loader``: an optimizer step (schedule included) every ``loader.accumulation`` batches.
 
-    Returns loss, accuracy, images, seconds, images_per_sec and lr (of the last step).
-    Raises TrainingError when the loss turns NaN or infinite.
+    ``model`` may be a DistributedDataParallel module: its gradients are then averaged over
+    the processes at each step's last micro-batch only, and the epoch's figures are sums
+    over every process. The caller sets train mode.
+    Returns loss, accuracy, images, seconds, images_per_sec (all processes) and lr (of the last step).
+    Raises TrainingError when the loss turns NaN or infinite in any process.
     """
     device = loader.device
     params = [p for p in model.parameters() if p.requires_grad]
-    steps = len(loader)
+    steps, accumulation = len(loader), loader.accumulation
+    # Per-rank mean losses of micro-batches add up to the global batch's mean loss once divided by
+    # the accumulation steps (DDP divides by the processes).
+    loss_scale = 1.0 / accumulation
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
@@ -58,12 +66,18 @@ def train_one_epoch(
     bar = tqdm(
         total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress_enabled()
     )
+    optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader):
-        with autocast(device, precision):
-            logits = model(x)
-            loss = criterion(logits, y)
-        lr = _optimizer_step(loss, params, optimizer, scheduler, scaler, grad_clip)
+        stepping = (step + 1) % accumulation == 0
+        # Between optimizer steps DDP need not average gradients: they only accumulate.
+        with nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, precision):
+                logits = model(x)
+                loss = criterion(logits, y)
+            scaler.scale(loss * loss_scale if accumulation > 1 else loss).backward()
+        if stepping:
+            lr = _optimizer_step(params, optimizer, scheduler, scaler, grad_clip)
 
         # Bookkeeping stays on the device; the host only looks every few dozen steps.
         loss = loss.detach().float()
@@ -77,14 +91,18 @@ def train_one_epoch(
         if not bar.disable and (step + 1) % POSTFIX_EVERY == 0:
             _show_progress(bar, loss_sum, correct, seen, t0)
     bar.close()
-    train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # syncs: the timing is honest
+    # One sum over the processes (a no-op alone); also syncs the device, so the timing is honest.
+    totals = all_reduce_sum(
+        torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])
+    )
+    loss_total, correct_total, seen_total = totals.tolist()
     seconds = time.perf_counter() - t0
     return {
-        "loss": train_loss,
-        "accuracy": train_acc,
-        "images": seen,
+        "loss": loss_total / seen_total,
+        "accuracy": correct_total / seen_total,
+        "images": int(seen_total),
         "seconds": seconds,
-        "images_per_sec": seen / seconds,
+        "images_per_sec": seen_total / seconds,
         "lr": lr,
     }
 
@@ -99,16 +117,13 @@ def _show_progress(bar: tqdm, loss_sum: Tensor, correct: Tensor, seen: int, t0: 
 
 
 def _optimizer_step(
-    loss: Tensor,
     params: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     grad_clip: float | None,
 ) -> float:
-    """Backward, optional clipping, the optimizer and schedule steps; returns the lr this step used."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    """Optional clipping, the optimizer and schedule steps, then zeroed gradients; returns the lr this step used."""
     if grad_clip is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         nn.utils.clip_grad_norm_(params, grad_clip)
@@ -116,11 +131,13 @@ def _optimizer_step(
     scaler.update()
     lr = optimizer.param_groups[0]["lr"]  # a Python float: no sync
     scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return lr
 
 
 def _check_finite(first_bad: Tensor, epoch: int, steps: int) -> None:
-    step = int(first_bad.item())
+    # Every process checks at the same steps and sees the same verdict, so all stop together.
+    step = int(all_reduce_max(first_bad.clone()).item())
     if step >= 0:
         raise TrainingError(
             f"the loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} of {steps} "

@@ -13,7 +13,9 @@ was resumed in between.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,30 +23,54 @@ from torch import Tensor
 
 from resnet.config import AugmentParams
 
-__all__ = ["DeviceLoader", "augment_batch"]
+__all__ = ["DeviceLoader"]
 
 
-def _random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:
-    """Crop each image at its own random offset from a zero-padded copy (torchvision's RandomCrop)."""
+@dataclass
+class _Draws:
+    """A global batch's random augmentation choices, drawn once and sliced per process.
+
+    Every process draws the choices for the whole global batch from the same generator
+    and applies its own slice, so N processes augment each image exactly as one process
+    with the global batch would. The draws come in the order a single batch always drew
+    them (crop offsets, flips, cutout centres): one process reproduces earlier runs.
+    """
+
+    oy: Tensor | None = None  # crop offsets
+    ox: Tensor | None = None
+    flip: Tensor | None = None  # bool per image
+    cy: Tensor | None = None  # cutout centres
+    cx: Tensor | None = None
+
+    @classmethod
+    def draw(cls, n: int, size: tuple[int, int], augment: AugmentParams, gen: torch.Generator) -> _Draws:
+        d = cls()
+        if augment.crop_padding > 0:
+            span = 2 * augment.crop_padding + 1
+            d.oy, d.ox = torch.randint(0, span, (n,), generator=gen), torch.randint(0, span, (n,), generator=gen)
+        if augment.flip:
+            d.flip = torch.rand(n, generator=gen) < 0.5
+        if augment.cutout > 0:
+            d.cy, d.cx = torch.randint(0, size[0], (n,), generator=gen), torch.randint(0, size[1], (n,), generator=gen)
+        return d
+
+    def part(self, lo: int, hi: int, device: torch.device) -> _Draws:
+        """The draws of images lo..hi of the global batch, on ``device``."""
+        return _Draws(*(None if t is None else t[lo:hi].to(device) for t in dataclasses.astuple(self)))
+
+
+def _random_crop(x: Tensor, padding: int, oy: Tensor, ox: Tensor) -> Tensor:
+    """Crop each image at its own offset from a zero-padded copy (torchvision's RandomCrop)."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
     # unfold gives every (H, W) window of the padded batch; pick one per image.
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (N, C, 2p+1, 2p+1, H, W), a view
     return windows[torch.arange(n, device=x.device), :, oy, ox]
 
 
-def _random_flip(x: Tensor, gen: torch.Generator) -> Tensor:
-    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-def _cutout(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
+def _cutout(x: Tensor, size: int, cy: Tensor, cx: Tensor) -> Tensor:
     """Zero a size x size square per image, centred anywhere, clipped at the border (DeVries & Taylor)."""
-    n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n,), generator=gen).to(x.device)
-    cx = torch.randint(0, w, (n,), generator=gen).to(x.device)
+    _, _, h, w = x.shape
     y0, x0 = cy - size // 2, cx - size // 2
     ys = torch.arange(h, device=x.device)[None, :]
     xs = torch.arange(w, device=x.device)[None, :]
@@ -54,22 +80,13 @@ def _cutout(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
     return x.masked_fill(mask[:, None], 0.0)
 
 
-def augment_batch(x: Tensor, augment: AugmentParams, gen: torch.Generator) -> Tensor:
-    """Crop and flip an unnormalised float batch (N, C, H, W); cutout comes after normalisation."""
-    if augment.crop_padding > 0:
-        x = _random_crop(x, augment.crop_padding, gen)
-    if augment.flip:
-        x = _random_flip(x, gen)
-    return x
-
-
 class DeviceLoader:
     """Batches of a split held in memory on ``device``.
 
     Args:
         images: uint8 (N, H, W, C) array or tensor.
         labels: int (N,) array or tensor.
-        batch_size: images per batch.
+        batch_size: images per batch (per process, per micro-batch).
         mean, std: per-channel normalisation on the 0..1 scale.
         device: where the data lives and batches are produced.
         train: shuffle, augment and drop the last partial batch (constant batch
@@ -77,6 +94,11 @@ class DeviceLoader:
         augment: what to apply when ``train`` (None = no augmentation).
         seed: base seed for shuffling and augmentation; see :meth:`set_epoch`.
         channels_last: emit batches in channels_last memory format.
+        rank, world_size, accumulation: with ``train``, this process's share of each global
+            batch of ``batch_size * world_size * accumulation`` images. Every process draws
+            the same permutation and augmentations; for each optimizer step it yields
+            ``accumulation`` micro-batches, disjoint from every other process's. One
+            process with the global batch sees the same images, augmented the same way.
     """
 
     def __init__(
@@ -92,6 +114,9 @@ class DeviceLoader:
         augment: AugmentParams | None = None,
         seed: int = 0,
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulation: int = 1,
     ) -> None:
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -102,6 +127,14 @@ class DeviceLoader:
             raise ValueError("cannot load an empty split")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size or accumulation < 1:
+            raise ValueError(f"rank {rank} of world size {world_size}, accumulation {accumulation}: out of range")
+        shards = world_size * accumulation
+        if shards > 1 and (not train or len(images) < batch_size * shards):
+            raise ValueError(
+                f"{len(images)} images cannot fill one global batch of {batch_size} x {world_size} processes "
+                f"x {accumulation} accumulation steps (sharding is for training only); lower train.batch_size"
+            )
         self.device = torch.device(device)
         # NCHW once, up front: per-batch work is then pure indexing.
         self.images = images.permute(0, 3, 1, 2).contiguous().to(self.device)
@@ -120,10 +153,22 @@ class DeviceLoader:
         self.seed = seed
         self.epoch = 0
         self.channels_last = channels_last
+        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes (the batch size when there is one)."""
+        return self.batch_size * self.world_size * self.accumulation
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per epoch (training), or batches (evaluation)."""
+        n, g = len(self.labels), self.global_batch
+        return n // g if self.train and n >= g else -(-n // g)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+        """Batches this process yields per epoch (micro-batches when accumulating)."""
+        return self.steps * self.accumulation
 
     @property
     def num_samples(self) -> int:
@@ -140,21 +185,35 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
+        if not self.train:
+            for i in range(len(self)):
+                sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
+                yield self._finish(self.images[sl].float(), None), self.labels[sl]
+            return
         gen = self._generator()
-        if self.train:
-            order = torch.randperm(n, generator=gen).to(self.device)
-        else:
-            order = None
-        for i in range(len(self)):
-            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
-            idx = order[sl] if order is not None else sl
-            x = (self.images.index_select(0, idx) if order is not None else self.images[idx]).float()
-            if self.augment is not None:
-                x = augment_batch(x, self.augment, gen)
-            x = x * self._scale + self._shift
-            if self.augment is not None and self.augment.cutout > 0:
-                # After normalisation, so the square is the mean colour (0), as in the paper.
-                x = _cutout(x, self.augment.cutout, gen)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+        order = torch.randperm(n, generator=gen).to(self.device)
+        size = (self.images.shape[2], self.images.shape[3])
+        g, b = min(self.global_batch, n), self.batch_size
+        for step in range(self.steps):
+            batch = order[step * g : (step + 1) * g]
+            draws = _Draws.draw(len(batch), size, self.augment, gen) if self.augment is not None else None
+            for micro in range(self.accumulation):
+                lo = (micro * self.world_size + self.rank) * b
+                hi = min(lo + b, len(batch))
+                idx = batch[lo:hi]
+                part = draws.part(lo, hi, self.device) if draws is not None else None
+                yield self._finish(self.images.index_select(0, idx).float(), part), self.labels[idx]
+
+    def _finish(self, x: Tensor, draws: _Draws | None) -> Tensor:
+        """Augment (crop, flip), normalise, cut out and lay out one float batch."""
+        if draws is not None and draws.oy is not None:
+            x = _random_crop(x, self.augment.crop_padding, draws.oy, draws.ox)
+        if draws is not None and draws.flip is not None:
+            x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
+        x = x * self._scale + self._shift
+        if draws is not None and draws.cy is not None:
+            # After normalisation, so the square is the mean colour (0), as in the paper.
+            x = _cutout(x, self.augment.cutout, draws.cy, draws.cx)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from resnet.checkpoint import CheckpointError, load_checkpoint
-from resnet.config import Params
+from resnet.config import ConfigError, Params, parse_params
 from resnet.utils import flatten
 
 __all__ = [
@@ -96,8 +96,13 @@ def data_identity(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe(params: Params) -> dict[str, Any]:
-    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in RUNTIME_KEYS}
-    return {"model": dataclasses.asdict(params.model), "train": train}
+    """What a resume must share: the recipe with the global batch, not how it is split into
+    processes and micro-batches, so a checkpoint saved by N processes resumes in M (with
+    train.batch_size set to keep the global batch). Without distributed.sync_batchnorm the
+    BatchNorm statistics then come from other shares of the batch, as from another device's
+    arithmetic: the run goes on, not bit for bit."""
+    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in (*RUNTIME_KEYS, "batch_size")}
+    return {"model": dataclasses.asdict(params.model), "train": train, "global_batch": params.global_batch}
 
 
 def fingerprint(params: Params, meta: dict[str, Any]) -> str:
@@ -131,7 +136,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _explain_mismatch(ckpt: dict[str, Any], params: Params, meta: dict[str, Any]) -> str:
     """Which params or data facts differ between a checkpoint and this run, for the log."""
-    old = flatten({k: ckpt["params"].get(k, {}) for k in ("model", "train")})
+    try:
+        old = flatten(_recipe(parse_params(ckpt["params"])))
+    except (ConfigError, TypeError):  # params of an older version of this code
+        old = flatten({k: ckpt["params"].get(k, {}) for k in ("model", "train")})
     new = flatten(_recipe(params))
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
     if ckpt.get("data_identity") != data_identity(meta):

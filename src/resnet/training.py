@@ -44,6 +44,7 @@ from torch import nn
 
 from resnet.checkpoint import freeze_batchnorm_if_frozen, load_pretrained, save_checkpoint
 from resnet.config import Params, TrainParams
+from resnet.distributed import World, all_reduce_sum, convert_sync_batchnorm, wrap_model
 from resnet.epoch import TrainingError, train_one_epoch
 from resnet.evaluation import evaluate
 from resnet.loader import DeviceLoader
@@ -156,14 +157,24 @@ class TrainingParts:
 
 
 def build_training(
-    params: Params, meta: dict[str, Any], device: torch.device, steps_per_epoch: int, precision: str = "fp32"
+    params: Params,
+    meta: dict[str, Any],
+    device: torch.device,
+    steps_per_epoch: int,
+    precision: str = "fp32",
+    sync_batchnorm: bool = False,
 ) -> TrainingParts:
     """Model (on device, channels_last if asked), optimizer, schedule, grad scaler and loss of a run.
 
-    ``precision`` is the one :func:`resnet.runtime.resolve_precision` settled on (the scaler is for fp16).
+    ``steps_per_epoch`` counts optimizer steps; ``precision`` is the one
+    :func:`resnet.runtime.resolve_precision` settled on (the scaler is for fp16);
+    ``sync_batchnorm`` makes BatchNorm statistics span every process (before the
+    optimizer is built, as the layers are replaced).
     """
     tp = params.train
     model = create_model(params, meta).to(device)
+    if sync_batchnorm:
+        model = convert_sync_batchnorm(model, device)
     if tp.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tp)
@@ -232,8 +243,10 @@ class Trainer:
         train_loader: DeviceLoader,
         val_loader: DeviceLoader,
         out_dir: str | Path,
+        world: World | None = None,
     ) -> None:
         self.device = train_loader.device
+        self.world = world or World()
         if val_loader.device != self.device:
             raise TrainingError(
                 f"train data is on {self.device} but validation data on {val_loader.device}; "
@@ -246,9 +259,14 @@ class Trainer:
         self.precision = resolve_precision(self.tp.precision, self.device)
         self.stopping = EarlyStopping.from_params(self.tp)
         seed_everything(self.tp.seed)
-        self.parts = build_training(params, meta, self.device, len(train_loader), self.precision)
-        # Training only: validation runs the plain module, a second compiled graph would cost more than it saves.
-        self.forward = torch.compile(self.parts.model) if self.tp.compile else self.parts.model
+        sync_bn = params.distributed.sync_batchnorm and self.world.size > 1
+        self.parts = build_training(params, meta, self.device, train_loader.steps, self.precision, sync_bn)
+        # DDP (with several processes) averages the gradients; checkpoints keep the plain module's
+        # state. Training only: validation runs the plain module, a second compiled graph would cost
+        # more than it saves.
+        self.forward = wrap_model(self.parts.model, self.device)
+        if self.tp.compile:
+            self.forward = torch.compile(self.forward)
 
     def start(self, resume: dict[str, Any] | None, extra: dict[str, Any] | None) -> TrainState:
         """A fresh state, or the one ``resume`` holds, with weights, optimizer, schedule, scaler and RNGs restored."""
@@ -259,11 +277,17 @@ class Trainer:
             set_rng_state(resume["rng"])
         state.extra.update(extra or {})
         trainable = sum(p.numel() for p in self.parts.model.parameters() if p.requires_grad)
+        loader = self.train_loader
         log.info(
-            "%s: %d trainable parameters, %d steps/epoch, %s, precision %s, %s%s",
+            "%s: %d trainable parameters, %d steps/epoch, global batch %d (%d x %d processes x %d accumulation "
+            "steps), %s, precision %s, %s%s",
             self.params.model.name,
             trainable,
-            len(self.train_loader),
+            loader.steps,
+            loader.global_batch,
+            loader.batch_size,
+            loader.world_size,
+            loader.accumulation,
             f"resuming at epoch {state.epoch + 1}" if resume else "fresh start",
             self.precision,
             self.device,
@@ -295,9 +319,18 @@ class Trainer:
         return (epoch + 1) % self.tp.eval_every == 0 or epoch + 1 == self.tp.epochs
 
     def validate(self) -> dict[str, float]:
-        """val_loss and val_accuracy, by the function and in the precision the validate stage uses."""
+        """val_loss and val_accuracy, by the function and in the precision the validate stage uses.
+
+        With several processes each evaluates its share of the split (its val_loader) and
+        the sums are added up: the figures of one process evaluating all of it.
+        """
         result = evaluate(self.parts.model, self.val_loader, len(self.meta["classes"]), precision=self.precision)
-        return {"val_loss": result.loss, "val_accuracy": result.accuracy}
+        if self.world.size == 1:
+            return {"val_loss": result.loss, "val_accuracy": result.accuracy}
+        n = result.num_images
+        sums = torch.tensor([result.loss * n, float(result.confusion.trace()), n], dtype=torch.float64)
+        loss_sum, correct, total = all_reduce_sum(sums.to(self.device)).tolist()
+        return {"val_loss": loss_sum / total, "val_accuracy": correct / total}
 
     def check_diverged(self, epoch: int, val: dict[str, float]) -> None:
         """Stop before a diverged epoch is saved: non-finite weights or validation loss.
@@ -341,7 +374,9 @@ class Trainer:
         }
 
     def save(self, state: TrainState, improved: bool) -> None:
-        """Write last.pt, and best.pt too when this epoch improved on the best."""
+        """Write last.pt, and best.pt too when this epoch improved on the best (rank 0 alone)."""
+        if not self.world.is_main:
+            return
         ckpt = self.checkpoint(state)
         if improved:
             save_checkpoint(self.best_path, ckpt)
@@ -397,6 +432,7 @@ def fit(
     resume: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     on_epoch: EpochCallback | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train params.model with the params.train recipe; write out_dir/best.pt and last.pt every epoch.
 
@@ -410,8 +446,10 @@ def fit(
         resume: a checkpoint from :func:`resnet.resume.find_resume_checkpoint` to continue.
         extra: stored in every checkpoint under "extra" (the stage keeps the MLflow run id there).
         on_epoch: called as on_epoch(epoch, metrics) after each epoch, once its checkpoint is written.
+        world: this process among several (resnet.distributed.setup); the loaders hold its shares of
+            the data, and only rank 0 writes checkpoints.
     """
-    trainer = Trainer(params, meta, train_loader, val_loader, out_dir)
+    trainer = Trainer(params, meta, train_loader, val_loader, out_dir, world)
     # The epoch this training last went on from, kept in the checkpoints' extra: a finished
     # training completed again (nothing left to train) reports the same as the first time.
     finished = resume is not None and (resume["stopped_early"] or resume["epoch"] >= params.train.epochs)
