@@ -71,6 +71,8 @@ def run(params: Params) -> None:
         # them, each running this very script (resnet.distributed).
         distributed.launch(d, [__file__])
         return
+    # Process-wide, so here: a process of a group ends (as on Ctrl-C) when its launcher is killed.
+    distributed.end_with_launcher()
     device = configure_torch(params.train)
     world, device = distributed.setup(d, device)
     try:

@@ -20,6 +20,7 @@ every wait has a timeout.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -275,8 +276,9 @@ def test_a_checkpoint_saved_by_n_processes_resumes_in_m(
     root = _workspace(tmp_path, before)
     p = _start(root, started)
     _wait_for_epoch(root, 1, p)
-    os.killpg(p.pid, signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher: its processes, in sessions of their own, get SIGTERM
     p.wait(timeout=30)
+    _wait_for_lock_free(root)
     resumed_at = load_checkpoint(root / paths.LAST_CHECKPOINT)["epoch"]
     assert resumed_at < EPOCHS
     _workspace_params(root, after)
@@ -289,6 +291,22 @@ def test_a_checkpoint_saved_by_n_processes_resumes_in_m(
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(b[k], a[k], rtol=1e-2, atol=1e-2, msg=k)
+
+
+def _wait_for_lock_free(root: Path, timeout: float = 60) -> None:
+    """Until no process holds the workspace's training lock (the launcher's orphans ended)."""
+    fd = os.open(root / paths.MODELS / ".train.lock", os.O_RDWR)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the processes of a killed launcher are still training"
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
 
 
 def _workspace_params(root: Path, nproc: int) -> None:

@@ -24,8 +24,10 @@ does the same sums with differentiable all-reduces so gloo runs on CPU can sync 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -49,6 +51,8 @@ __all__ = [
     "needs_launcher",
     "launch",
     "setup",
+    "end_with_launcher",
+    "cpu_threads_per_process",
     "teardown",
     "all_reduce_sum",
     "all_reduce_max",
@@ -230,6 +234,32 @@ def _init_process_group(backend: str, world: World, timeout: timedelta) -> None:
     base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.size, is_master=False, timeout=timeout)
     store = dist.PrefixStore(f"resnet/attempt-{env['TORCHELASTIC_RESTART_COUNT']}", base)
     dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=timeout)
+
+
+def end_with_launcher() -> bool:
+    """Have the kernel send this process SIGTERM when the elastic agent that started it dies.
+
+    The agent starts each process in a session of its own, so a launcher killed outright
+    (``kill -9``, an out-of-memory kill) would leave them training as orphans, holding the
+    workspace's lock. SIGTERM ends a stage as Ctrl-C does. Process-wide (prctl): for the
+    entry point to call. Returns whether it took effect (Linux, under an elastic agent).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # it died before the request: nobody will send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+#: prctl option (linux/prctl.h): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 def cpu_threads_per_process(world: World) -> int:
