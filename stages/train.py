@@ -73,15 +73,13 @@ def run(params: Params) -> None:
         return
     # Process-wide, so here: a process of a group ends (as on Ctrl-C) when its launcher is killed.
     distributed.end_with_launcher()
-    device = configure_torch(params.train)
+    if not World.from_env().is_main:
+        # Rank 0 speaks for the group: the others log warnings and errors only, with no bars.
+        logging.getLogger().setLevel(logging.WARNING)
+        os.environ["RESNET_NO_PROGRESS"] = "1"
+    device = configure_torch(params.train, processes_on_node=World.from_env().local_size)
     world, device = distributed.setup(d, device)
     try:
-        if not world.is_main:
-            # Rank 0 speaks for the group: the others log warnings and errors only, with no bars.
-            logging.getLogger().setLevel(logging.WARNING)
-            os.environ["RESNET_NO_PROGRESS"] = "1"
-        if device.type == "cpu" and params.train.num_threads == 0 and world.local_size > 1:
-            torch.set_num_threads(distributed.cpu_threads_per_process(world))
         if device.type == "cpu":
             # Process-wide, so here and not in the package: CPU steps then reuse freed activation memory.
             keep_freed_memory()

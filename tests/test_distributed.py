@@ -20,9 +20,9 @@ every wait has a timeout.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +44,7 @@ from resnet.config import ConfigError, override
 from resnet.distributed import World, shard
 from resnet.epoch import train_one_epoch
 from resnet.loader import DeviceLoader
+from resnet.lock import waiting_lock
 
 STAGE = ROOT / "stages" / "train.py"
 #: One recipe for the process runs: 3 epochs of 32 steps (global batch 32), long enough to kill one mid-epoch.
@@ -285,28 +286,26 @@ def test_a_checkpoint_saved_by_n_processes_resumes_in_m(
     out = _train(root, started)
     assert f"resuming from models/last.pt at epoch {resumed_at}/{EPOCHS}" in out
     ckpt = load_checkpoint(root / paths.LAST_CHECKPOINT)
-    assert ckpt["epoch"] == EPOCHS and len(ckpt["history"]) == EPOCHS
-    # The same optimisation in other shares: one-process weights up to float rounding grown over ~90 steps.
-    a, b = _state(reference[1]), _state(root)
-    for k in a:
-        if a[k].is_floating_point():
-            torch.testing.assert_close(b[k], a[k], rtol=1e-2, atol=1e-2, msg=k)
+    ref_before, ref_after = (load_checkpoint(reference[n] / paths.LAST_CHECKPOINT)["history"] for n in (before, after))
+    history = ckpt["history"]
+    assert ckpt["epoch"] == EPOCHS and len(history) == EPOCHS
+    # The epochs before the interruption are the N-process run's; the schedule went on at the right step.
+    learned = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")  # not the timings
+    assert [{k: h[k] for k in learned} for h in history[:resumed_at]] == [
+        {k: h[k] for k in learned} for h in ref_before[:resumed_at]
+    ]
+    assert [h["lr"] for h in history] == [h["lr"] for h in ref_after]
+    # After it, the M-process optimisation. Not bit for bit: this tiny network amplifies rounding (one
+    # process with 1 or 2 threads ends 4e-3 apart after 16 steps), so the figures, not the weights, compare.
+    assert history[-1]["val_loss"] == pytest.approx(ref_after[-1]["val_loss"], abs=0.05)
+    (run,) = _mlflow_runs(root)
+    assert run.info.status == "FINISHED" and run.data.tags["distributed.world_size"] == str(after)
 
 
-def _wait_for_lock_free(root: Path, timeout: float = 60) -> None:
-    """Until no process holds the workspace's training lock (the launcher's orphans ended)."""
-    fd = os.open(root / paths.MODELS / ".train.lock", os.O_RDWR)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                assert time.monotonic() < deadline, "the processes of a killed launcher are still training"
-                time.sleep(0.1)
-    finally:
-        os.close(fd)
+def _wait_for_lock_free(root: Path) -> None:
+    """Until no process holds the workspace's training lock (the killed launcher's processes ended)."""
+    with waiting_lock(root / paths.MODELS / ".train.lock", "the killed launcher's processes", timeout=60):
+        pass
 
 
 def _workspace_params(root: Path, nproc: int) -> None:
@@ -373,3 +372,58 @@ def test_one_process_never_touches_torch_distributed(tmp_path: Path, monkeypatch
     assert load_stage_module().main() == 0
     assert not launched and not torch.distributed.is_initialized()
     assert load_checkpoint(paths.LAST_CHECKPOINT)["epoch"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_may_launch_the_stage_itself_when_params_yaml_says_what_it_starts(
+    tmp_path: Path, started: list[subprocess.Popen]
+) -> None:
+    root = _workspace(tmp_path, 1, n_train=128, epochs=1)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(STAGE)]
+    p = subprocess.run(torchrun, cwd=root, capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0
+    assert "launched as 2 processes (2 on this node) but params.yaml says distributed.nnodes 1 x nproc_per_node 1" in (
+        p.stdout + p.stderr
+    )
+    assert not (root / paths.LAST_CHECKPOINT).exists()
+    _workspace_params(root, 2)
+    p = subprocess.run(torchrun, cwd=root, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "global batch 32 (16 x 2 processes" in p.stdout + p.stderr
+    assert load_checkpoint(root / paths.LAST_CHECKPOINT)["epoch"] == 1
+
+
+def test_the_slurm_script_is_valid_bash_and_runs_the_train_stage_under_torchrun_on_every_node() -> None:
+    script = ROOT / "deploy" / "slurm" / "train.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    assert sbatch["ntasks-per-node"] == "1"  # one torchrun (elastic agent) per node
+    command = re.search(r"^srun [^\n]*torchrun((?:[^\n]*\\\n)*[^\n]*)", text, re.M)
+    assert command, "no srun ... torchrun command"
+    args = command.group(0).replace("\\\n", " ").split()
+    assert args[-1] == "stages/train.py" and "--rdzv-backend=c10d" in args
+    assert any(a.startswith("--nnodes=") for a in args) and any(a.startswith("--nproc-per-node=") for a in args)
+    # The rest of the pipeline runs after it, with the training recorded as the train stage.
+    assert text.index("dvc commit --force train") > text.index("stages/train.py")
+
+
+def test_the_pytorchjob_manifest_is_valid_yaml_and_runs_the_train_stage_under_torchrun() -> None:
+    doc = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "pytorchjob.yaml").read_text())
+    assert doc["apiVersion"] == "kubeflow.org/v1" and doc["kind"] == "PyTorchJob"
+    spec = doc["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    nodes = sum(r["replicas"] for r in replicas.values())
+    assert spec["elasticPolicy"]["minReplicas"] == spec["elasticPolicy"]["maxReplicas"] == nodes
+    assert spec["elasticPolicy"]["rdzvBackend"] == "c10d"
+    for r in replicas.values():
+        pod = r["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["command"] == ["torchrun", "stages/train.py"]
+        assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == spec["nprocPerNode"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["workspace"] == container["workingDir"]
+        claims = {v["name"]: v.get("persistentVolumeClaim") for v in pod["volumes"]}
+        assert claims["workspace"]["claimName"]

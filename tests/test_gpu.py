@@ -167,3 +167,34 @@ def test_pyfunc_model_runs_on_the_gpu_by_default_and_agrees_with_the_cpu(tmp_pat
     np.testing.assert_allclose(
         answers["auto"].filter(like="prob_"), answers["cpu"].filter(like="prob_"), rtol=0, atol=1e-4
     )
+
+
+def test_the_train_stage_runs_on_nccl_under_torchrun(tmp_path: Path) -> None:
+    """The NCCL path: torchrun with one process per GPU (all GPUs, at most 2), SyncBatchNorm on.
+
+    With one GPU this is a world of one (the process group and NCCL start, DDP stays out);
+    with two, DDP and PyTorch's SyncBatchNorm run for real and the weights match one process.
+    """
+    import subprocess
+    import sys
+
+    from test_distributed import STAGE, _workspace
+
+    from resnet import paths
+
+    nproc = min(2, torch.cuda.device_count())
+    root = _workspace(tmp_path, nproc, n_train=256, epochs=2)
+    raw = (
+        (root / paths.PARAMS)
+        .read_text()
+        .replace("device: cpu", "device: cuda")
+        .replace("backend: auto", "backend: nccl")
+    )
+    (root / paths.PARAMS).write_text(raw)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(STAGE)]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert f"rank 0 of {nproc} (local rank 0), nccl on cuda:0" in out
+    ckpt = load_checkpoint(root / paths.LAST_CHECKPOINT)
+    assert ckpt["epoch"] == 2 and all(math.isfinite(h["val_loss"]) for h in ckpt["history"])

@@ -52,7 +52,6 @@ __all__ = [
     "launch",
     "setup",
     "end_with_launcher",
-    "cpu_threads_per_process",
     "teardown",
     "all_reduce_sum",
     "all_reduce_max",
@@ -89,6 +88,9 @@ class World:
 
     @classmethod
     def from_env(cls) -> World:
+        """This process's place, from the launcher's variables; one process alone when there are none."""
+        if not launched():
+            return cls()
         env = os.environ
         size = int(env["WORLD_SIZE"])
         return cls(int(env["RANK"]), int(env["LOCAL_RANK"]), size, int(env.get("LOCAL_WORLD_SIZE", size)))
@@ -116,6 +118,7 @@ def launch(d: DistributedParams, argv: Sequence[str]) -> None:
     process up to ``d.max_restarts`` times when one fails, and raises once they cannot
     finish. Raises :class:`DistributedError` naming the endpoint or the failed ranks.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -148,6 +151,9 @@ def launch(d: DistributedParams, argv: Sequence[str]) -> None:
     threading.Thread(target=_watchdog, args=(endpoint, deadline, stop), daemon=True).start()
     try:
         elastic_launch(config, entrypoint=sys.executable)(*argv)
+    except SignalException as e:
+        # Ctrl-C or SIGTERM: the agent has stopped the processes (each ended as on Ctrl-C).
+        raise KeyboardInterrupt(str(e)) from None
     except ChildFailedError as e:
         ranks = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
         raise DistributedError(
@@ -197,13 +203,18 @@ def _watchdog(endpoint: str, deadline: float, stop: threading.Event) -> None:
 def setup(d: DistributedParams, device: torch.device) -> tuple[World, torch.device]:
     """Join the process group when launched; return this process's :class:`World` and device.
 
-    On CUDA each process takes the GPU of its local rank. On CPU, unless train.num_threads
-    says otherwise, the processes of a node share its cores (torchrun leaves each one all
-    of them, which oversubscribes the CPU).
+    On CUDA each process takes the GPU of its local rank.
     """
     if not launched():
         return World(), device
     world = World.from_env()
+    if world.size != d.world_size or world.local_size != d.nproc_per_node:
+        # params.yaml stays the one record of the run (the global batch, the logged params, resuming).
+        raise DistributedError(
+            f"launched as {world.size} processes ({world.local_size} on this node) but params.yaml says "
+            f"distributed.nnodes {d.nnodes} x nproc_per_node {d.nproc_per_node}; set them to what torchrun/srun "
+            "starts, or let the stage launch itself (python stages/train.py)"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(world.local_rank)
         device = torch.device("cuda", world.local_rank)
@@ -260,11 +271,6 @@ def end_with_launcher() -> bool:
 
 #: prctl option (linux/prctl.h): the signal a process gets when its parent dies.
 _PR_SET_PDEATHSIG = 1
-
-
-def cpu_threads_per_process(world: World) -> int:
-    """This node's cores divided among its processes (at least one each)."""
-    return max(1, (os.cpu_count() or 1) // world.local_size)
 
 
 def teardown() -> None:

@@ -8,7 +8,8 @@ padding, horizontal flip, optional cutout, then normalisation.
 
 Randomness comes from a CPU generator seeded from ``(seed, epoch)``, so an epoch's
 order and augmentations are the same whatever the device and whether or not the run
-was resumed in between.
+was resumed in between. With several processes (resnet.distributed) each one takes its
+slice of every global batch, and the slices put together are one process's batch.
 """
 
 from __future__ import annotations

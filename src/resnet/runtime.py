@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 
 import torch
 
@@ -30,15 +31,20 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def configure_torch(tp: TrainParams) -> torch.device:
+def configure_torch(tp: TrainParams, processes_on_node: int = 1) -> torch.device:
     """Apply train.num_threads and fast GPU defaults; return the device train.device names.
 
     Call before building the loaders, which put the data on this device. The params
-    are validated already (a 'cuda' device without a GPU was refused on loading).
+    are validated already (a 'cuda' device without a GPU was refused on loading). With
+    ``processes_on_node`` training processes on this machine and train.num_threads 0,
+    each CPU process takes its share of the cores (torchrun would leave each all of them,
+    oversubscribing the CPU).
     """
+    device = resolve_device(tp.device)
     if tp.num_threads > 0:
         torch.set_num_threads(tp.num_threads)
-    device = resolve_device(tp.device)
+    elif processes_on_node > 1 and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_node))
     if device.type == "cuda":
         # Fixed input shapes: let cuDNN pick the fastest kernels; TF32 matmuls for fp32.
         torch.backends.cudnn.benchmark = True
