@@ -3,6 +3,9 @@
 Rerunning after an interruption resumes from models/last.pt when it belongs to the
 same params and data; a training that had finished with the same code too is not
 redone, only its outputs and MLflow run completed (resnet.resume.find_resume_checkpoint).
+With distributed.nproc_per_node or nnodes above 1 it launches itself in several
+processes under torch's elastic launcher; torchrun or srun may start it too
+(resnet.distributed, docs/distributed.md). Rank 0 alone writes files and MLflow.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from resnet.config import Params
 from resnet.data.store import load_meta, load_split
 from resnet.distributed import World
 from resnet.loader import DeviceLoader
-from resnet.lock import exclusive_lock
+from resnet.lock import exclusive_lock, waiting_lock
 from resnet.resume import code_digest, find_resume_checkpoint
 from resnet.runtime import configure_torch, keep_freed_memory
 from resnet.stage import run_stage
@@ -31,8 +34,12 @@ from resnet.utils import atomic_path, write_json
 
 log = logging.getLogger("stages.train")
 
-# Not a pipeline file (neither DVC nor git tracks it): held while a training runs.
+# Not pipeline files (neither DVC nor git tracks them). TRAIN_LOCK: held by whatever started
+# a training (refuses a second one at once); WRITER_LOCK: held by the process that writes
+# models/ and MLflow, waited for, since a group whose launcher was killed outright (SIGKILL)
+# releases TRAIN_LOCK while its rank 0, ended by SIGTERM, may still be recording the interruption.
 TRAIN_LOCK = paths.MODELS / ".train.lock"
+WRITER_LOCK = paths.MODELS / ".train.writer.lock"
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -64,13 +71,36 @@ def _summary(result: TrainResult) -> dict[str, Any]:
     }
 
 
+# Set by a launcher that holds TRAIN_LOCK for the group it starts on its node.
+LOCK_HELD_ENV = "RESNET_TRAIN_LOCK_HELD"
+
+
+def _lock() -> contextlib.AbstractContextManager[None]:
+    return exclusive_lock(TRAIN_LOCK, "training")
+
+
 def run(params: Params) -> None:
     d = params.distributed
     if distributed.needs_launcher(d):
         # Several processes asked for: this one becomes torchrun's elastic agent and starts
-        # them, each running this very script (resnet.distributed).
-        distributed.launch(d, [__file__])
+        # them, each running this very script (resnet.distributed). On one node it holds the
+        # lock itself, so a refused second training starts no process (nor restarts them).
+        with _lock() if d.nnodes == 1 else contextlib.nullcontext():
+            if d.nnodes == 1:
+                os.environ[LOCK_HELD_ENV] = str(os.getpid())
+            distributed.launch(d, [__file__])
         return
+    if not distributed.launched():
+        # One process: refused before any work.
+        with _lock():
+            _run_process(params)
+        return
+    _run_process(params)
+
+
+def _run_process(params: Params) -> None:
+    """One process of the training (alone, or one rank of a group), from device setup to teardown."""
+    d = params.distributed
     # Process-wide, so here: a process of a group ends (as on Ctrl-C) when its launcher is killed.
     distributed.end_with_launcher()
     if not World.from_env().is_main:
@@ -83,8 +113,12 @@ def run(params: Params) -> None:
         if device.type == "cpu":
             # Process-wide, so here and not in the package: CPU steps then reuse freed activation memory.
             keep_freed_memory()
-        # One training per workspace; rank 0 holds the lock for the group (the others write nothing).
-        with exclusive_lock(TRAIN_LOCK, "training") if world.is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as locks:
+            if world.is_main:  # the others write nothing
+                if distributed.launched() and LOCK_HELD_ENV not in os.environ:
+                    # A group no launcher of ours locked for (several nodes, torchrun, srun).
+                    locks.enter_context(_lock())
+                locks.enter_context(waiting_lock(WRITER_LOCK, "the previous training's last writes", d.timeout))
             _train(params, world, device)
     finally:
         distributed.teardown()

@@ -303,9 +303,57 @@ def test_a_checkpoint_saved_by_n_processes_resumes_in_m(
 
 
 def _wait_for_lock_free(root: Path) -> None:
-    """Until no process holds the workspace's training lock (the killed launcher's processes ended)."""
-    with waiting_lock(root / paths.MODELS / ".train.lock", "the killed launcher's processes", timeout=60):
-        pass
+    """Until no process holds the workspace's training locks (the killed launcher's processes ended)."""
+    for name in (".train.lock", ".train.writer.lock"):
+        with waiting_lock(root / paths.MODELS / name, "the killed launcher's processes", timeout=60):
+            pass
+
+
+def test_a_second_group_is_refused_by_its_launcher_before_any_process_starts(
+    tmp_path: Path, started: list[subprocess.Popen]
+) -> None:
+    root = _workspace(tmp_path, 2)
+    hold = (
+        "import time\n"
+        "from resnet.lock import exclusive_lock\n"
+        "with exclusive_lock('models/.train.lock', 'training'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold], cwd=root, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    started.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    p = _start(root, started)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 1, out
+    # One line, the refusal: no process started (nor restarted max_restarts times), nothing written.
+    (line,) = out.strip().splitlines()
+    assert f"models/.train.lock is held by pid {holder.pid}" in line, line
+    assert sorted(f.name for f in (root / paths.MODELS).iterdir()) == [".train.lock"]
+    holder.stdout.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_to_the_launcher_stops_every_process_like_ctrl_c_and_a_rerun_resumes(
+    tmp_path: Path, started: list[subprocess.Popen]
+) -> None:
+    root = _workspace(tmp_path, 2)
+    p = _start(root, started)
+    _wait_for_epoch(root, 1, p)
+    p.send_signal(signal.SIGTERM)  # the launcher alone, as a CI runner's timeout or `kill` would
+    out, _ = p.communicate(timeout=90)
+    assert p.returncode == 130, out[-3000:]
+    assert "interrupted; rerun the stage (dvc repro) to resume from models/last.pt" in out
+    _wait_for_lock_free(root)
+    (run,) = _mlflow_runs(root)
+    assert run.info.status == "KILLED"
+    out = _train(root, started)
+    assert "resuming from models/last.pt at epoch" in out
+    (again,) = _mlflow_runs(root)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
 
 
 def _workspace_params(root: Path, nproc: int) -> None:
