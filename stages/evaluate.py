@@ -13,7 +13,7 @@ from resnet.config import Params
 from resnet.plots import plot_confusion_matrix, plot_misclassified, write_confusion_csv, write_per_class_csv
 from resnet.split_evaluation import SplitEvaluation, evaluate_checkpoint
 from resnet.stage import run_stage
-from resnet.utils import resolve_device, write_json
+from resnet.utils import read_json, resolve_device, write_json
 
 
 def run(params: Params) -> None:
@@ -27,7 +27,7 @@ def run(params: Params) -> None:
             run_id=mlrun.run_id,
         )
         _write_results(ev, params.evaluate.misclassified_examples)
-        mlrun.log_metrics(ev.result.flat_metrics("test"))
+        mlrun.log_results(read_json(paths.TEST_METRICS))
         mlrun.log_artifacts(
             [
                 paths.TEST_METRICS,

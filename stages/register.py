@@ -32,7 +32,7 @@ def run(params: Params) -> None:
             f"register.metric: {rp.metric!r} is not in {paths.TEST_METRICS} "
             f"(it has {sorted(metrics)}); rerun the evaluate stage"
         )
-    for key, kind in (("checkpoint", str), ("chance_accuracy", float), ("num_images", int)):
+    for key, kind in (("test_checkpoint", str), ("test_chance_accuracy", float), ("test_num_images", int)):
         if not isinstance(test.get(key), kind):
             raise PipelineError(f"{paths.TEST_METRICS} has no {key}: rerun the evaluate stage (dvc repro -f evaluate)")
     # From here on a refusal is about this run's model: it is recorded on the run too.
@@ -40,10 +40,10 @@ def run(params: Params) -> None:
         tracking.check_registrable(metrics, rp.metric, str(paths.TEST_METRICS))
         if rp.refuse_at_chance:
             tracking.check_above_chance(
-                test["test_accuracy"], test["chance_accuracy"], test["num_images"], str(paths.TEST_METRICS)
+                test["test_accuracy"], test["test_chance_accuracy"], test["test_num_images"], str(paths.TEST_METRICS)
             )
         # Register exactly the checkpoint the evaluate stage measured, if it belongs to run.json's run.
-        checkpoint = Path(test["checkpoint"])
+        checkpoint = Path(test["test_checkpoint"])
         check_belongs_to_run(checkpoint, load_checkpoint(checkpoint), mlrun.run_id)
         example, _ = load_split(paths.PREPARED, "test")
         # The portable export first: a checkpoint onnxruntime cannot reproduce is not registered.

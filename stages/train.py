@@ -64,7 +64,6 @@ def _summary(result: TrainResult) -> dict[str, Any]:
         "final_val_accuracy": last.get("val_accuracy"),
         "train_seconds": round(result.train_seconds, 2),
         "images_per_sec": round(result.images_per_sec, 1),
-        "device": result.device,
         "precision": result.precision,
         "stopped_early": result.stopped_early,
         "resumed_from_epoch": result.resumed_from,
@@ -172,10 +171,11 @@ def _train(params: Params, world: World, device: torch.device) -> None:
             on_epoch=mlrun.log_epoch,
             world=world,
         )
-        summary = _summary(result)
+        # The device as the run's "device" tag describes it, so the two agree.
+        summary = {**_summary(result), "device": tracking.device_description(device)}
         write_json(paths.TRAIN_METRICS, summary)
         _write_history(paths.TRAIN_HISTORY, result.history)
-        mlrun.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_epoch"})
+        mlrun.log_results(summary)
         mlrun.log_artifacts([paths.TRAIN_METRICS, paths.TRAIN_HISTORY], artifact_path="train")
     log.info(
         "trained %d epochs: best %s %.4f at epoch %d -> %s",

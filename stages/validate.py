@@ -13,7 +13,7 @@ from resnet.config import Params
 from resnet.plots import write_confusion_csv, write_per_class_csv
 from resnet.split_evaluation import evaluate_checkpoint
 from resnet.stage import run_stage
-from resnet.utils import resolve_device, write_json
+from resnet.utils import read_json, resolve_device, write_json
 
 
 def run(params: Params) -> None:
@@ -31,8 +31,7 @@ def run(params: Params) -> None:
         write_confusion_csv(paths.VAL_CONFUSION, ev.result, ev.classes)
         write_per_class_csv(paths.VAL_PER_CLASS, ev.result, ev.classes)
         write_json(paths.VAL_METRICS, ev.metrics("val"))
-        # step = the checkpoint's epoch, so the point sits on training's val curves.
-        mlrun.log_metrics(ev.result.flat_metrics("val"), step=ev.epoch)
+        mlrun.log_results(read_json(paths.VAL_METRICS))
         mlrun.log_artifacts([paths.VAL_METRICS, paths.VAL_CONFUSION, paths.VAL_PER_CLASS], artifact_path="val")
 
 

@@ -233,7 +233,7 @@ def test_two_processes_with_syncbn_train_the_weights_of_one_and_rank_0_alone_rec
     (run,) = _mlflow_runs(two)
     assert run.info.status == "FINISHED"
     assert run.data.tags["distributed.world_size"] == "2" and run.data.tags["train.global_batch"] == "32"
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch/val_loss")
     assert [h.step for h in history] == [1]
     assert json.loads((two / paths.RUN_FILE).read_text())["run_id"] == run.info.run_id
 
@@ -264,7 +264,7 @@ def test_a_rank_killed_mid_epoch_restarts_the_group_which_resumes_and_ends_bit_f
     assert all(torch.equal(a[k], b[k]) for k in a), "the restarted run differs from the uninterrupted one"
     (run,) = _mlflow_runs(root)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    steps = [h.step for h in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")]
+    steps = [h.step for h in mlflow.MlflowClient().get_metric_history(run_id, "epoch/val_loss")]
     assert sorted(set(steps)) == [1, 2, 3]
 
 

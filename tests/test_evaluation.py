@@ -480,27 +480,23 @@ def test_validate_stage(workspace: Path, monkeypatch: pytest.MonkeyPatch, choice
     for path in _declared_outputs("validate"):
         assert path.is_file(), f"dvc.yaml declares {path} but the stage did not write it"
     metrics = json.loads(paths.VAL_METRICS.read_text())
-    assert list(metrics) == [f"val_{k}" for k in SCALARS] + [
-        "checkpoint",
-        "epoch",
-        "num_images",
-        "num_classes",
-        "chance_accuracy",
-        "topk",
+    assert list(metrics) == [
+        f"val_{k}" for k in (*SCALARS, "checkpoint", "checkpoint_epoch", "num_images", "num_classes", "chance_accuracy")
     ]
     # The commonest class's share of the split: what a model that learned nothing scores.
     _, labels = load_split(paths.PREPARED, "val")
-    assert metrics["chance_accuracy"] == pytest.approx(np.bincount(labels).max() / len(labels))
-    assert metrics["checkpoint"] == f"models/{choice}.pt"
-    assert metrics["epoch"] == epoch
-    assert metrics["num_images"] == N_VAL
+    assert metrics["val_chance_accuracy"] == pytest.approx(np.bincount(labels).max() / len(labels))
+    assert metrics["val_checkpoint"] == f"models/{choice}.pt"
+    assert metrics["val_checkpoint_epoch"] == epoch
+    assert metrics["val_num_images"] == N_VAL
     per_class = pd.read_csv(paths.VAL_PER_CLASS)
     assert list(per_class["class"]) == CLASSES and per_class["support"].sum() == N_VAL
 
-    # Logged to the pipeline's MLflow run, at the checkpoint's epoch.
+    # Logged to the pipeline's MLflow run under the same names, once; the string as a tag.
     run_id = json.loads(paths.RUN_FILE.read_text())["run_id"]
     history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_accuracy")
-    assert [(m.step, m.value) for m in history] == [(epoch, pytest.approx(metrics["val_accuracy"]))]
+    assert [(m.step, m.value) for m in history] == [(0, metrics["val_accuracy"])]
+    assert _run_data().tags["val_checkpoint"] == metrics["val_checkpoint"]
 
     frame = _check_confusion_csv(paths.VAL_CONFUSION, "val")
     # The metrics file and the plot data must tell the same story.
@@ -520,7 +516,7 @@ def test_evaluate_stage_writes_every_declared_output(workspace: Path, monkeypatc
     assert list(metrics)[: len(SCALARS)] == [f"test_{k}" for k in SCALARS]
     assert 0.0 <= metrics["test_accuracy"] <= metrics["test_top5_accuracy"] <= 1.0
     assert metrics["test_loss"] > 0
-    assert metrics["num_images"] == N_TEST and metrics["epoch"] == 3
+    assert metrics["test_num_images"] == N_TEST and metrics["test_checkpoint_epoch"] == 3
 
     frame = _check_confusion_csv(paths.TEST_CONFUSION, "test")
     assert metrics["test_accuracy"] == pytest.approx((frame["actual"] == frame["predicted"]).mean())

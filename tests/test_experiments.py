@@ -608,7 +608,7 @@ def assert_champion_moves_only_when_better(client: MlflowClient) -> None:
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion
 
 
-def epochs_logged(client: MlflowClient, run_id: str, metric: str = "val_accuracy") -> list[int]:
+def epochs_logged(client: MlflowClient, run_id: str, metric: str = "epoch/val_accuracy") -> list[int]:
     return sorted({m.step for m in client.get_metric_history(run_id, metric)})
 
 
@@ -620,6 +620,31 @@ def test_first_run_against_a_ref_without_metrics(pipeline_repo: PipelineRepo) ->
     assert row[2] == "—" and 0.0 <= float(row[3]) <= 1.0
     assert "has no metrics yet (first run)" in report
     assert f"`{MODEL_NAME}` version 1 is **@champion**: no champion yet" in report
+
+
+@pytest.mark.slow
+def test_every_figure_of_the_metrics_files_is_the_mlflow_runs_value_under_the_same_name(
+    pipeline_repo: PipelineRepo,
+) -> None:
+    """What the run table shows is what dvc exp show shows: numbers as metrics, strings as tags."""
+    repo = pipeline_repo.repo
+    client = store(repo)
+    run_id = json.loads((repo / "models" / "run.json").read_text())["run_id"]
+    data = client.get_run(run_id).data
+    for name in ("train", "val", "test"):
+        for key, value in json.loads((repo / "metrics" / f"{name}.json").read_text()).items():
+            if value is None:
+                assert key not in data.metrics, (name, key)
+            elif isinstance(value, str):
+                assert data.tags.get(key) == value, (name, key)
+            else:
+                assert data.metrics.get(key) == float(value), (name, key, value, data.metrics.get(key))
+    # One value per step: no metric logged twice at a step, and the per-epoch series under epoch/.
+    for key in data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+        assert key.startswith("epoch/") or steps == [0], (key, steps)
+    assert epochs_logged(client, run_id, "epoch/images_per_sec") == list(range(1, EPOCHS + 1))
 
 
 @pytest.mark.slow

@@ -58,12 +58,11 @@ def _test_json(**metrics: float) -> None:
         "test_loss": 0.5,
         "test_accuracy": 0.9,
         "test_top5_accuracy": 1.0,
-        "checkpoint": "models/best.pt",
-        "epoch": 3,
-        "num_images": 23,
-        "num_classes": len(CLASSES),
-        "chance_accuracy": 4 / 23,
-        "topk": 5,
+        "test_checkpoint": "models/best.pt",
+        "test_checkpoint_epoch": 3,
+        "test_num_images": 23,
+        "test_num_classes": len(CLASSES),
+        "test_chance_accuracy": 4 / 23,
     }
     values.update(metrics)
     paths.TEST_METRICS.parent.mkdir(parents=True, exist_ok=True)

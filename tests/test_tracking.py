@@ -84,7 +84,7 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
     assert saved["run_id"] == run.run_id and saved["tracking_uri"].endswith(f"{repo.resolve()}/mlflow.db")
 
     with tracking.continue_run(params, "models/run.json", "register") as cont:
-        cont.log_metrics({"test_accuracy": 0.5, "note": "ignored"})
+        cont.log_results({"test_accuracy": 0.5, "test_checkpoint": "models/best.pt", "resumed_from_epoch": None})
     assert cont.run_id == run.run_id
 
     client = MlflowClient(saved["tracking_uri"])
@@ -96,7 +96,8 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
     assert data.data.tags["dataset.sha256"] == META["source_sha256"]
     assert data.data.tags["device"].startswith("cpu")
     assert data.data.metrics["test_accuracy"] == 0.5
-    history = client.get_metric_history(run.run_id, "train_loss")
+    assert data.data.tags["test_checkpoint"] == "models/best.pt" and "resumed_from_epoch" not in data.data.metrics
+    history = client.get_metric_history(run.run_id, "epoch/train_loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
     (dataset_input,) = data.inputs.dataset_inputs
     assert dataset_input.dataset.name == "archive.tar.gz" and dataset_input.dataset.digest == META["source_sha256"][:16]
@@ -114,7 +115,26 @@ def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:
         again.log_epoch(2, {"train_loss": 1.0})
     assert again.run_id == run.run_id
     assert mlflow.get_run(run.run_id).info.status == "FINISHED"
-    assert len(MlflowClient().get_metric_history(run.run_id, "train_loss")) == 2
+    assert len(MlflowClient().get_metric_history(run.run_id, "epoch/train_loss")) == 2
+
+
+def test_nothing_is_logged_twice_at_one_step_and_the_table_shows_the_current_figure(repo: Path) -> None:
+    params = repo_params()
+    with tracking.start_run(params, META, "cpu", "models/run.json") as run:
+        run.log_epoch(1, {"epoch": 1, "val_accuracy": 0.25, "images_per_sec": 64.0})
+        run.log_epoch(1, {"epoch": 1, "val_accuracy": 0.25, "images_per_sec": 64.0})  # a resume re-sends it
+        run.log_results({"val_accuracy": 0.3, "images_per_sec": 60.5, "stopped_early": False})
+        run.log_results({"val_accuracy": 0.3, "images_per_sec": 60.5, "stopped_early": False})  # a rerun, same
+        run.log_results({"val_accuracy": 0.4})  # the stage rerun on other params
+    client = MlflowClient()
+
+    def points(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(run.run_id, key)]
+
+    assert points("epoch/val_accuracy") == [(1, 0.25)] and points("epoch/images_per_sec") == [(1, 64.0)]
+    assert points("val_accuracy") == [(0, 0.3), (1, 0.4)] and points("images_per_sec") == [(0, 60.5)]
+    assert points("stopped_early") == [(0, 0.0)]
+    assert client.get_run(run.run_id).data.metrics["val_accuracy"] == 0.4
 
 
 def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:

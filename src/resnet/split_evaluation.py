@@ -105,13 +105,13 @@ class SplitEvaluation:
         """
         return {
             **self.result.flat_metrics(prefix),
-            "checkpoint": str(self.checkpoint),
-            "epoch": self.epoch,
-            "num_images": self.result.num_images,
-            "num_classes": self.result.num_classes,
+            # Every name prefixed, as in the MLflow run, where val and test results sit side by side.
+            f"{prefix}_checkpoint": str(self.checkpoint),
+            f"{prefix}_checkpoint_epoch": self.epoch,
+            f"{prefix}_num_images": self.result.num_images,
+            f"{prefix}_num_classes": self.result.num_classes,
             # The accuracy of always answering the split's commonest class: what "learned nothing" scores.
-            "chance_accuracy": self.result.chance_accuracy,
-            "topk": self.result.topk,
+            f"{prefix}_chance_accuracy": self.result.chance_accuracy,
         }
 
 

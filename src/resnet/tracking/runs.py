@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from typing import Any
 
 import mlflow
 import torch
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -35,10 +37,13 @@ from resnet.config import Params, to_flat_dict
 from resnet.tracking.store import TrackingError, setup
 from resnet.utils import PipelineError, read_handover_json, repo_root, write_json
 
-__all__ = ["PipelineRun", "start_run", "continue_run", "check_run", "device_description", "STAGE_TAG"]
+__all__ = ["EPOCH_PREFIX", "PipelineRun", "start_run", "continue_run", "check_run", "device_description", "STAGE_TAG"]
 
 log = logging.getLogger("resnet.tracking")
 
+# Per-epoch series are logged under this prefix (the UI groups them in a section of their
+# own); the unprefixed names hold the final figures of metrics/*.json.
+EPOCH_PREFIX = "epoch/"
 STAGE_TAG = "pipeline.stage."  # + stage name: running | finished | failed | killed
 FAILED_STAGE, FAILURE = "pipeline.failed_stage", "pipeline.failure"
 
@@ -117,13 +122,40 @@ class PipelineRun:
     tracking_uri: str
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Per-epoch curves: every metric with step = epoch."""
-        values = {k: float(v) for k, v in metrics.items() if k != "epoch" and v is not None}
+        """Per-epoch curves: every metric as ``epoch/<name>`` with step = epoch, once per epoch.
+
+        Their own names, so the run table's ``val_accuracy`` is metrics/val.json's (the
+        evaluated checkpoint's), not the last epoch's. An epoch already logged (a resumed
+        training re-sends the one saved just before the interruption) is not logged again.
+        """
+        values = {EPOCH_PREFIX + k: float(v) for k, v in metrics.items() if k != "epoch" and v is not None}
+        if not values:
+            return
+        client = MlflowClient()
+        if any(m.step == int(epoch) for m in client.get_metric_history(self.run_id, next(iter(values)))):
+            return
         mlflow.log_metrics(values, step=int(epoch), run_id=self.run_id)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow.log_metrics(numeric, step=step, run_id=self.run_id)
+    def log_results(self, results: dict[str, Any]) -> None:
+        """A stage's results file (metrics/*.json) under the same names: what the run table shows.
+
+        Numbers (booleans as 0/1) become metrics, strings tags, None nothing. A value the
+        run holds already is not logged again; a changed one (the stage rerun on other
+        params) is logged at the next step, so the table's value, the last step's, is the
+        file's and no step holds two values.
+        """
+        client = MlflowClient()
+        current = client.get_run(self.run_id).data.metrics
+        now = int(time.time() * 1000)
+        metrics = []
+        for key, value in results.items():
+            if isinstance(value, str):
+                client.set_tag(self.run_id, key, value)
+            elif isinstance(value, (int, float)) and current.get(key) != float(value):
+                step = len(client.get_metric_history(self.run_id, key)) if key in current else 0
+                metrics.append(Metric(key, float(value), now, step))
+        if metrics:
+            client.log_batch(self.run_id, metrics=metrics)
 
     def log_artifacts(self, paths: Sequence[str | Path], artifact_path: str | None = None) -> None:
         for p in paths:
