@@ -2,8 +2,8 @@
 
 Refused, before anything is registered, for a model with non-finite test metrics or
 (register.refuse_at_chance) one no better than chance. The champion is the best
-registered version on register.metric (see resnet.tracking.registry); a new version
-that is not the champion is the `challenger`. What happened goes to
+registered version on register.metric (see resnet.tracking.registry); the newest
+version, while newer than the champion, is the `challenger`. What happened goes to
 metrics/register.json; a rerun for the same run and checkpoint registers nothing twice.
 """
 
@@ -59,11 +59,11 @@ def run(params: Params) -> None:
             {"onnx.max_abs_diff": f"{onnx['max_abs_diff']:.3g}"},
         )
         result["onnx"] = onnx
-        mlrun.set_tags(
-            {"registered_model": f"{result['model_name']}/{result['version']}", "registered_alias": result["alias"]}
-        )
+        # The version, not its alias of the moment: aliases move, and the registry holds them.
+        mlrun.set_tags({"registered_model": f"{result['model_name']}/{result['version']}"})
         write_json(paths.REGISTER_RESULT, result)
-    log.info("models:/%s@%s is version %s", result["model_name"], result["alias"], result["version"])
+    if result["alias"]:
+        log.info("models:/%s@%s is version %s", result["model_name"], result["alias"], result["version"])
 
 
 def main() -> int:

@@ -145,22 +145,35 @@ def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:
         pass
 
 
-def test_registry_champion_moves_only_when_better(repo: Path) -> None:
+def test_registry_champion_moves_only_when_better_and_challenger_is_the_newest_loser(repo: Path) -> None:
     params = repo_params()
     _checkpoint(Path("models/best.pt"))
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
-    results = []
+    client = MlflowClient()
+    results, aliases = [], []
     with tracking.continue_run(params, "models/run.json", "register") as run:
         uri = tracking.log_model(run, "models/best.pt", _images())
-        for acc in (0.50, 0.40, 0.50, 0.60):
-            results.append(tracking.register_model(run, uri, "tiny", "test_accuracy", {"test_accuracy": acc}))
-    assert [r["alias"] for r in results] == ["champion", "challenger", "challenger", "champion"]
-    assert [r["version"] for r in results] == [1, 2, 3, 4]
-    client = MlflowClient()
-    assert int(client.get_model_version_by_alias("tiny", "champion").version) == 4
-    assert int(client.get_model_version_by_alias("tiny", "challenger").version) == 3
-    assert client.get_model_version("tiny", "4").tags["test_accuracy"] == "0.6"
+        for acc in (0.50, 0.40, 0.50, 0.60, 0.1 + 0.2 + 0.25):  # the last is 0.55000000000000004
+            metrics = {"test_accuracy": acc, "test_loss": 0.1 + 0.2, "test_num_images": 20}
+            results.append(tracking.register_model(run, uri, "tiny", "test_accuracy", metrics))
+            aliases.append({k: str(v) for k, v in client.get_registered_model("tiny").aliases.items()})
+    assert [r["alias"] for r in results] == ["champion", "challenger", "challenger", "champion", "challenger"]
+    assert [r["version"] for r in results] == [1, 2, 3, 4, 5]
+    # The aliases after each registration: a tie keeps the earlier champion; a new champion leaves no
+    # challenger (none is newer than it); the next loser is the challenger again.
+    assert aliases == [
+        {"champion": "1"},
+        {"champion": "1", "challenger": "2"},
+        {"champion": "1", "challenger": "3"},
+        {"champion": "4"},
+        {"champion": "4", "challenger": "5"},
+    ]
+    assert "does not beat champion v4's 0.6000" in results[-1]["reason"]
+    v5 = client.get_model_version("tiny", "5")
+    assert (v5.tags["test_accuracy"], v5.tags["test_loss"], v5.tags["test_num_images"]) == ("0.55", "0.3", "20")
+    for needle in ("Recipe: resnet", "Data: ", "Test: test_accuracy 0.55, test_loss 0.3", f"({run.run_id})"):
+        assert needle in v5.description, v5.description
 
 
 @pytest.mark.parametrize(

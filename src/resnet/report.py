@@ -333,7 +333,9 @@ def format_report(report: Report) -> str:
         lines += [
             "### Model registry",
             "",
-            f"`{r.get('model_name')}` version {r.get('version')} is **@{r.get('alias')}**: {r.get('reason')}.",
+            f"`{r.get('model_name')}` version {r.get('version')} "
+            + (f"is **@{r['alias']}**" if r.get("alias") else "holds no alias")
+            + f": {r.get('reason')}.",
             "",
         ]
     if report.plots:

@@ -5,8 +5,13 @@ earliest on a tie: a model must be better, not equal, to take the alias), among 
 versions not tagged ``exclude_from_champion=true``. Each registration recomputes it
 from all versions and moves the alias until the registry agrees, so registrations at
 the same moment (``dvc queue start -j N``, several machines) end with the same
-champion as the same registrations one after another. A new version that is not the
-champion gets the alias ``challenger``.
+champion as the same registrations one after another.
+
+``challenger`` is the newest version while it is newer than the champion (it lost to
+it and waits, say, for an A/B test); a version that becomes champion leaves no
+challenger, so the alias never names a version older than the champion. The aliases
+are the registry's only record of who holds what: runs carry ``registered_model``
+(name/version, a fact that cannot go stale), not the alias of the moment.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def _versions(client: MlflowClient, name: str) -> list[Any]:
 
 
 def _version_metric(client: MlflowClient, version: Any, metric: str) -> float | None:
+    # The version's own tag first: a run that registered twice (another checkpoint) holds its latest value only.
     if metric in version.tags:
         with contextlib.suppress(ValueError):
             return float(version.tags[metric])
@@ -141,6 +147,50 @@ def _settle_champion(client: MlflowClient, name: str, metric: str) -> tuple[int,
     raise TrackingError(f"the champion of {name!r} kept moving under other registrations; rerun register")
 
 
+def _settle_challenger(client: MlflowClient, name: str, metric: str, champion: int) -> int | None:
+    """``challenger`` on the newest candidate when it is newer than ``champion``, else removed."""
+    for _ in range(50):
+        newest = max(_candidates(client, name, metric))
+        want = newest if newest > champion else None
+        current = _alias(client, name, CHALLENGER)
+        if current == want:
+            return want
+        if want is None:
+            with contextlib.suppress(MlflowException):  # removed by a registration at the same moment
+                client.delete_registered_model_alias(name, CHALLENGER)
+        else:
+            _set_alias(client, name, CHALLENGER, want)
+    raise TrackingError(f"the challenger of {name!r} kept moving under other registrations; rerun register")
+
+
+def _tag_value(value: Any) -> str:
+    """A version tag people read: 0.34, not 0.33999999999999997.
+
+    Ten significant digits: still exact enough to rank versions on (test accuracies differ
+    by 1/num_images), as the champion is chosen from these tags.
+    """
+    return f"{value:.10g}" if isinstance(value, float) else str(value)
+
+
+def _description(run: PipelineRun, metric: str, metrics: dict[str, float]) -> str:
+    """The version's description: recipe, data, test figures and the run it came from."""
+    found = MlflowClient().get_run(run.run_id)
+    p, t = found.data.params, found.data.tags
+    batch = t.get("train.global_batch", p.get("train.batch_size"))
+    recipe = (
+        f"{p.get('model.name')} trained {p.get('train.epochs')} epochs: {p.get('train.optimizer')} lr "
+        f"{p.get('train.lr')}, {p.get('train.schedule')} schedule, batch {batch}, {p.get('train.precision')}"
+    )
+    source = t.get("dataset.source", "unknown")
+    data = (
+        f"{p.get('data.dataset')} from {source} (sha256 {t.get('dataset.sha256', 'unknown')[:12]}), "
+        f"val_fraction {p.get('data.val_fraction')}, max_per_class {p.get('data.max_per_class')}"
+    )
+    shown = [metric, *sorted(k for k in metrics if k != metric and k.endswith(("accuracy", "loss")))]
+    figures = ", ".join(f"{k} {_tag_value(float(metrics[k]))}" for k in shown if k in metrics)
+    return f"Recipe: {recipe}.\nData: {data}.\nTest: {figures}.\nSource run: {found.info.run_name} ({run.run_id})."
+
+
 def register_model(
     run: PipelineRun, model_uri: str, name: str, metric: str, metrics: dict[str, float], tags: dict | None = None
 ) -> dict[str, Any]:
@@ -153,9 +203,10 @@ def register_model(
     _ensure_registered_model(client, name)
 
     def create() -> int:
-        version_tags = {**{k: str(v) for k, v in metrics.items()}, **(tags or {})}
+        version_tags = {**{k: _tag_value(v) for k, v in metrics.items()}, **(tags or {})}
         version = mlflow.register_model(model_uri, name, tags=version_tags)
         client.set_model_version_tag(name, version.version, "mlflow.run_id", run.run_id)
+        client.update_model_version(name, version.version, description=_description(run, metric, metrics))
         return int(version.version)
 
     return _register(client, run, name, metric, float(metrics[metric]), create)
@@ -182,17 +233,18 @@ def _decide(
     before_value: float | None,
 ) -> dict[str, Any]:
     champion, champion_value = _settle_champion(client, name, metric)
-    alias = CHAMPION if champion == version else CHALLENGER
-    if alias == CHALLENGER:
-        _set_alias(client, name, CHALLENGER, version)
-        reason = f"{metric} {value:.4f} does not beat champion v{champion}'s {champion_value:.4f}"
-    elif before is None or before_value is None:
-        reason = "no champion yet"
+    challenger = _settle_challenger(client, name, metric, champion)
+    alias = CHAMPION if champion == version else CHALLENGER if challenger == version else None
+    if alias == CHAMPION:
+        better = before is not None and before_value is not None
+        reason = f"{metric} {value:.4f} > champion v{before}'s {before_value:.4f}" if better else "no champion yet"
     else:
-        reason = f"{metric} {value:.4f} > champion v{before}'s {before_value:.4f}"
+        reason = f"{metric} {value:.4f} does not beat champion v{champion}'s {champion_value:.4f}"
+        if alias is None:  # registrations at the same moment: a newer version holds the aliases
+            reason += f"; no alias: v{challenger or champion} is newer"
     if champion not in (version, before):
         log.warning("champion of %r moved from v%s to v%s, the best registered version", name, before, champion)
-    log.info("registered %s version %s as @%s (%s)", name, version, alias, reason)
+    log.info("registered %s version %s as %s (%s)", name, version, f"@{alias}" if alias else "no alias", reason)
     return {
         "model_name": name,
         "version": version,
