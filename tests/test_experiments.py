@@ -675,7 +675,9 @@ def test_param_changes_rerun_only_stale_stages_with_runs_and_versions_in_mlflow(
     (first, second) = runs_by_experiment(client)["workspace"]  # plain dvc repro: no experiment name
     assert (first.data.params["train.lr"], second.data.params["train.lr"]) == ("0.0001", "0.1")
     assert first.data.tags["git.commit"] == pipeline_repo.baseline and second.data.tags["git.commit"] == first_commit
-    assert second.data.tags["git.dirty"] == "true" and second.data.tags["dvc.experiment"] == "workspace"
+    # Only params.yaml differs from the commit (logged as the run's params): the code is not dirty.
+    assert second.data.tags["git.dirty"] == "false" and second.data.tags["dvc.experiment"] == "workspace"
+    assert second.info.run_name.startswith(f"repro-{first_commit[:7]}-resnet")  # named after commit and recipe
     for run in (first, second):
         assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
         assert set(first.data.metrics) == set(run.data.metrics)  # the same metric names, comparable in the UI

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,39 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
     assert dataset_input.dataset.name == "archive.tar.gz" and dataset_input.dataset.digest == META["source_sha256"][:16]
     # Artifacts sit beside the embedded store, not wherever the stage ran.
     assert mlflow.get_experiment(data.info.experiment_id).artifact_location == (repo.resolve() / "mlartifacts").as_uri()
+
+
+def _commit_all(repo: Path) -> str:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "state"], check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_plain_repro_run_is_named_from_commit_and_params_and_dirty_means_code(repo: Path) -> None:
+    for f in ("params.yaml", "dvc.lock", "metrics/val.json", "src/resnet/models.py"):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        (repo / f).write_text("1\n")
+    commit = _commit_all(repo)
+    # What dvc exp run and the stages write: params.yaml, dvc.lock, git-tracked metrics. Not code.
+    for f in ("params.yaml", "dvc.lock", "metrics/val.json"):
+        (repo / f).write_text("2\n")
+    names = []
+    for lr in (0.2, 0.05):
+        with tracking.start_run(repo_params({"train.lr": lr}), META, "cpu", "models/run.json") as run:
+            pass
+        data = mlflow.get_run(run.run_id)
+        names.append(data.info.run_name)
+        assert data.data.tags["git.dirty"] == "false" and "git.dirty_files" not in data.data.tags
+    pattern = rf"repro-{commit[:7]}-resnet20-e15-lr%s-[0-9a-f]{{6}}"
+    assert re.fullmatch(pattern % "0.2", names[0]) and re.fullmatch(pattern % "0.05", names[1]), names
+
+    (repo / "src/resnet/models.py").write_text("2\n")  # a code change
+    with tracking.start_run(repo_params({"train.lr": 0.05}), META, "cpu", "models/run.json") as run:
+        pass
+    data = mlflow.get_run(run.run_id)
+    assert data.info.run_name == names[1].replace(commit[:7], commit[:7] + "+")
+    assert data.data.tags["git.dirty"] == "true" and data.data.tags["git.dirty_files"] == "src/resnet/models.py"
 
 
 def test_interrupted_run_is_marked_killed_and_resumed(repo: Path) -> None:

@@ -16,6 +16,7 @@ clears its failure.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -33,6 +34,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from resnet import paths
 from resnet.config import Params, to_flat_dict
 from resnet.tracking.store import TrackingError, setup
 from resnet.utils import PipelineError, read_handover_json, repo_root, write_json
@@ -73,9 +75,36 @@ def device_description(device: torch.device | str) -> str:
     return f"cpu: {cpu} ({os.cpu_count()} cores)"
 
 
+def _dirty_code() -> list[str]:
+    """Tracked files changed since the commit, apart from what the pipeline itself writes.
+
+    ``dvc exp run`` writes params.yaml before any stage starts (the params are logged as
+    the run's params), and dvc.lock and the git-tracked metrics and plots are outputs:
+    none of them makes the code differ from the commit.
+    """
+    produced = [paths.PARAMS, Path("dvc.lock"), *(p for outs in paths.STAGE_OUTPUTS.values() for p in outs)]
+    changed = _git("diff", "--name-only", "HEAD", "--", ".", *(f":(exclude){p}" for p in produced))
+    return (changed or "").splitlines()
+
+
+def _run_name(params: Params, commit: str, dirty: bool) -> str:
+    """The DVC experiment's name; else one that says where the run came from: commit and recipe.
+
+    ``repro-1c8175d-resnet20-e15-lr0.2-3f9a1c``: a plain ``dvc repro`` at that commit (with
+    ``+`` after it when the code was changed), the model, epochs, learning rate and a
+    digest of all the params, so runs that differ in any param differ in name.
+    """
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    digest = hashlib.sha256(repr(sorted(to_flat_dict(params).items())).encode()).hexdigest()[:6]
+    t = params.train
+    return f"repro-{commit[:7]}{'+' if dirty else ''}-{params.model.name}-e{t.epochs}-lr{t.lr:g}-{digest}"
+
+
 def _provenance_tags(meta: dict[str, Any], device: torch.device | str) -> dict[str, str]:
     # dvc exp run sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV; a plain dvc repro does not.
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD") or "unknown"
+    dirty = _dirty_code()
     tags = {
         "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
         "git.commit": commit,
@@ -85,8 +114,9 @@ def _provenance_tags(meta: dict[str, Any], device: torch.device | str) -> dict[s
         "device": device_description(device),
         "torch.version": torch.__version__,
     }
-    if _git("status", "--porcelain", "--untracked-files=no"):
-        tags["git.dirty"] = "true"
+    tags["git.dirty"] = "true" if dirty else "false"
+    if dirty:  # which files, so a reader can tell a stray edit from a change of method
+        tags["git.dirty_files"] = ", ".join(dirty[:20]) + (f" and {len(dirty) - 20} more" if len(dirty) > 20 else "")
     return tags
 
 
@@ -264,7 +294,7 @@ def start_run(
     else:
         run_id = _reusable_run(Path(run_file), params)
     tags = _provenance_tags(meta, device)
-    run_name = os.environ.get("DVC_EXP_NAME")
+    run_name = _run_name(params, tags["git.commit"], tags["git.dirty"] == "true")
     active = mlflow.start_run(
         run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=None if run_id else run_name
     )
