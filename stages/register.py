@@ -14,7 +14,7 @@ from pathlib import Path
 from resnet import paths, tracking
 from resnet.checkpoint import load_checkpoint
 from resnet.config import ConfigError, Params
-from resnet.data.store import load_split
+from resnet.data.store import load_meta, load_split
 from resnet.export import export_onnx
 from resnet.split_evaluation import check_belongs_to_run
 from resnet.stage import run_stage
@@ -57,6 +57,7 @@ def run(params: Params) -> None:
             rp.metric,
             metrics,
             {"onnx.max_abs_diff": f"{onnx['max_abs_diff']:.3g}"},
+            meta=load_meta(paths.PREPARED),
         )
         result["onnx"] = onnx
         # The version, not its alias of the moment: aliases move, and the registry holds them.

@@ -382,6 +382,10 @@ def test_split_is_seeded_and_byte_identical(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "val.npz").read_bytes() != (c / "val.npz").read_bytes()
     assert (a / "test.npz").read_bytes() == (c / "test.npz").read_bytes()  # the official test split
+    # The content digest names the data: the same for the same splits, another for another split or cap.
+    _, d = run_stages(tmp_path / "src", tmp_path / "d", seed=3, max_per_class=20)
+    digests = [json.loads((x / "meta.json").read_text())["content_sha256"] for x in (a, b, c, d)]
+    assert digests[0] == digests[1] and len(set(digests)) == 3
 
 
 def test_stratified_split_keeps_class_proportions():

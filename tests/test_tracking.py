@@ -27,7 +27,17 @@ from resnet.loader import DeviceLoader
 from resnet.models import build_model
 
 CLASSES = ["cat", "dog", "ship"]
-META = {"source": "archive.tar.gz", "source_sha256": "ab" * 32}
+META = {
+    "dataset": "imagefolder",
+    "source": "archive.tar.gz",
+    "source_sha256": "ab" * 32,
+    "content_sha256": "cd" * 32,
+    "sizes": {"train": 9, "val": 3, "test": 3},
+    "val_fraction": 0.25,
+    "max_per_class": None,
+    "seed": 0,
+    "test_split": "archive",
+}
 
 
 @pytest.fixture()
@@ -100,8 +110,15 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
     assert data.data.tags["test_checkpoint"] == "models/best.pt" and "resumed_from_epoch" not in data.data.metrics
     history = client.get_metric_history(run.run_id, "epoch/train_loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    # The input: the prepared data by its content digest, the archive by its absolute location,
+    # the archive's full checksum and the split params in the input's tags.
     (dataset_input,) = data.inputs.dataset_inputs
-    assert dataset_input.dataset.name == "archive.tar.gz" and dataset_input.dataset.digest == META["source_sha256"][:16]
+    assert dataset_input.dataset.name == "imagefolder from archive.tar.gz (train/val/test 9/3/3)"
+    assert dataset_input.dataset.digest == META["content_sha256"][:32]
+    assert json.loads(dataset_input.dataset.source)["uri"] == (repo.resolve() / "archive.tar.gz").as_uri()
+    tags = {t.key: t.value for t in dataset_input.tags}
+    assert tags["source_sha256"] == META["source_sha256"] and tags["content_sha256"] == META["content_sha256"]
+    assert (tags["val_fraction"], tags["max_per_class"], tags["seed"]) == ("0.25", "None", "0")
     # Artifacts sit beside the embedded store, not wherever the stage ran.
     assert mlflow.get_experiment(data.info.experiment_id).artifact_location == (repo.resolve() / "mlartifacts").as_uri()
 
@@ -208,6 +225,32 @@ def test_registry_champion_moves_only_when_better_and_challenger_is_the_newest_l
     assert (v5.tags["test_accuracy"], v5.tags["test_loss"], v5.tags["test_num_images"]) == ("0.55", "0.3", "20")
     for needle in ("Recipe: resnet", "Data: ", "Test: test_accuracy 0.55, test_loss 0.3", f"({run.run_id})"):
         assert needle in v5.description, v5.description
+
+
+def test_the_registered_model_is_named_after_its_run_and_its_figures_name_the_dataset(repo: Path) -> None:
+    params = repo_params()
+    _checkpoint(Path("models/best.pt"))
+    with tracking.start_run(params, META, "cpu", "models/run.json"):
+        pass
+    figures = {"test_accuracy": 0.5, "test_loss": 1.25}
+    with tracking.continue_run(params, "models/run.json", "evaluate") as run:
+        run.log_results(figures)
+    with tracking.continue_run(params, "models/run.json", "register") as run:
+        result = tracking.register_checkpoint(
+            run, "models/best.pt", _images(), "tiny", "test_accuracy", figures, meta=META
+        )
+    client = MlflowClient()
+    version = client.get_model_version("tiny", str(result["version"]))
+    model = mlflow.get_logged_model(version.source.removeprefix("models:/"))
+    run_name = mlflow.get_run(run.run_id).info.run_name
+    assert model.name == "resnet20-" + run_name.replace(".", "_")
+    # The model's figures are the run's, measured on the prepared data of META...
+    linked = {m.key: (m.value, m.dataset_name, m.dataset_digest) for m in model.metrics}
+    name = "imagefolder from archive.tar.gz (train/val/test 9/3/3)"
+    assert linked == {k: (v, name, META["content_sha256"][:32]) for k, v in figures.items()}
+    # ... and the run still holds each of them once.
+    for key in figures:
+        assert len(client.get_metric_history(run.run_id, key)) == 1, key
 
 
 @pytest.mark.parametrize(

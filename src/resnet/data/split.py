@@ -8,6 +8,7 @@ carves a stratified, seeded validation split from train and writes
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -256,6 +257,20 @@ def _cap_pool(pool: _Pool, max_per_class: int, seed: int) -> _Pool:
     )
 
 
+def _content_sha256(parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """The digest of the prepared splits' contents (names, shapes, pixels, labels): what identifies the data.
+
+    Not of the .npz files, whose bytes depend on the zip writer; the same images and
+    labels in the same order give the same digest.
+    """
+    h = hashlib.sha256()
+    for name, (x, y) in parts.items():
+        for arr in (x, y):
+            h.update(f"{name}:{arr.dtype.str}:{arr.shape}\n".encode())
+            h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
+
+
 def _meta(
     parts: dict[str, tuple[np.ndarray, np.ndarray]], pool: _Pool, source: dict[str, Any], params: DataParams
 ) -> dict[str, Any]:
@@ -276,6 +291,7 @@ def _meta(
             s: {classes[k]: int(n) for k, n in enumerate(np.bincount(y, minlength=len(classes)))}
             for s, (_, y) in parts.items()
         },
+        "content_sha256": _content_sha256(parts),
         "source": source["source"],
         "source_sha256": source["sha256"],
         "test_split": pool.test_origin,

@@ -192,19 +192,30 @@ def log_model(run: PipelineRun, checkpoint_path: str | Path, example_images: np.
         # code_paths), and the signature is given explicitly: MLflow's warnings about
         # pickled objects and missing type hints do not apply.
         warnings.simplefilter("ignore", UserWarning)
-        info = _log_pyfunc(checkpoint_path, ckpt, example)
+        info = _log_pyfunc(checkpoint_path, ckpt, example, _model_name(run, ckpt))
     log.info("logged model %s", info.model_uri)
     return info.model_uri
 
 
-def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.ndarray) -> Any:
+def _model_name(run: PipelineRun, ckpt: dict[str, Any]) -> str:
+    """``resnet20-repro-1c8175d-resnet20-e15-lr0_2-3f9a1c``: the architecture and the run, as MLflow allows."""
+    run_name = mlflow.get_run(run.run_id).info.run_name or run.run_id
+    name = f"{ckpt['arch']['name']}-{run_name}"
+    return "".join("_" if c in "/:.%\"'" else c for c in name)
+
+
+def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.ndarray, name: str) -> Any:
     import PIL
 
     import resnet
 
     return mlflow.pyfunc.log_model(
-        name="model",
+        name=name,
         python_model=ResNetClassifier(),
+        # Produced at the checkpoint's epoch: MLflow links the run's metrics at this step (that
+        # epoch's epoch/* series) to the model; its test figures are linked with their dataset
+        # by the registry (resnet.tracking.lineage).
+        step=int(ckpt.get("epoch", 0)),
         artifacts={"checkpoint": str(checkpoint_path)},
         code_paths=[str(Path(resnet.__file__).parent)],
         signature=_signature(ckpt),

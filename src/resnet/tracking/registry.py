@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from resnet.tracking.lineage import link_model_figures
 from resnet.tracking.model import log_model
 from resnet.tracking.runs import PipelineRun
 from resnet.tracking.store import TrackingError, store_lock
@@ -275,12 +276,14 @@ def register_checkpoint(
     metric: str,
     metrics: dict[str, float],
     tags: dict[str, str] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Log ``checkpoint`` as the run's pyfunc model and register it, once.
 
     A rerun for the same run and checkpoint (register killed after registering, or
     register.metric changed) reuses that version and only decides the aliases again.
-    ``tags``: more version tags (the register stage's ONNX check).
+    ``tags``: more version tags (the register stage's ONNX check). ``meta``: the prepared
+    data's meta.json; the logged model's figures (the run's ``metrics``) are linked to it.
     """
     check_registrable(metrics, metric)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
@@ -289,6 +292,8 @@ def register_checkpoint(
     existing = _registered_before(client, name, run.run_id, digest)
     if existing is None:
         model_uri = log_model(run, checkpoint, example)
+        if meta is not None:
+            link_model_figures(run.run_id, model_uri.removeprefix("models:/"), list(metrics), meta)
         return register_model(run, model_uri, name, metric, metrics, {**(tags or {}), CHECKPOINT_TAG: digest})
     log.info("run %s registered this checkpoint as %s v%s already: not again", run.run_id, name, existing.version)
     return _register(client, run, name, metric, float(metrics[metric]), lambda: int(existing.version))

@@ -22,7 +22,6 @@ import os
 import platform
 import subprocess
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from resnet import paths
 from resnet.config import Params, to_flat_dict
+from resnet.tracking.lineage import log_dataset
 from resnet.tracking.store import TrackingError, setup
 from resnet.utils import PipelineError, read_handover_json, repo_root, write_json
 
@@ -118,26 +118,6 @@ def _provenance_tags(meta: dict[str, Any], device: torch.device | str) -> dict[s
     if dirty:  # which files, so a reader can tell a stray edit from a change of method
         tags["git.dirty_files"] = ", ".join(dirty[:20]) + (f" and {len(dirty) - 20} more" if len(dirty) > 20 else "")
     return tags
-
-
-def _log_dataset(meta: dict[str, Any]) -> None:
-    """Record the data's provenance (source, checksum, counts) as the run's input dataset."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source_uri = str(meta.get("source", "unknown"))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "can be interpreted in multiple ways"
-            source = resolve_dataset_source(source_uri)
-    except MlflowException:
-        # A relative local path resolves to nothing; record it as a file URI instead.
-        source = resolve_dataset_source(Path(source_uri).resolve().as_uri())
-    digest = str(meta.get("source_sha256", ""))[:16] or None
-    name = Path(source_uri.rstrip("/")).name or "dataset"
-    # One input: MLflow keeps a dataset once per run, whatever the context, and the
-    # train/val/test splits all come from this one source.
-    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context="training")
 
 
 # --------------------------------------------------------------------------- runs
@@ -304,7 +284,7 @@ def start_run(
         mlflow.set_tags(tags)
         if run_id is None:  # a resumed or reused run has them already
             mlflow.log_params(to_flat_dict(params))
-            _log_dataset(meta)
+            log_dataset(meta)
         log.info("MLflow run %s (%s) in %s", run.run_id, "resumed" if run_id else "new", run.tracking_uri)
         yield run
 
