@@ -103,6 +103,9 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
     assert data.info.run_name == "brisk-lark" and data.info.status == "FINISHED"
     assert data.data.params["train.lr"] == str(params.train.lr)
     assert set(data.data.params) == set(to_flat_dict(params))
+    # As params.yaml writes them, not as Python prints them.
+    assert (data.data.params["train.grad_clip"], data.data.params["train.nesterov"]) == ("null", "true")
+    assert data.data.params["train.milestones"] == "[]"
     assert data.data.tags["dvc.experiment"] == "brisk-lark"
     assert data.data.tags["dataset.sha256"] == META["source_sha256"]
     assert data.data.tags["device"].startswith("cpu")
@@ -196,7 +199,9 @@ def test_continue_run_without_train_output_is_a_clear_error(repo: Path) -> None:
         pass
 
 
-def test_registry_champion_moves_only_when_better_and_challenger_is_the_newest_loser(repo: Path) -> None:
+def test_registry_champion_moves_only_when_better_and_challenger_is_the_newest_loser(
+    repo: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     params = repo_params()
     _checkpoint(Path("models/best.pt"))
     with tracking.start_run(params, META, "cpu", "models/run.json"):
@@ -221,6 +226,7 @@ def test_registry_champion_moves_only_when_better_and_challenger_is_the_newest_l
         {"champion": "4", "challenger": "5"},
     ]
     assert "does not beat champion v4's 0.6000" in results[-1]["reason"]
+    assert "already exists" not in capfd.readouterr().err  # MLflow's note, printed on every registration
     v5 = client.get_model_version("tiny", "5")
     assert (v5.tags["test_accuracy"], v5.tags["test_loss"], v5.tags["test_num_images"]) == ("0.55", "0.3", "20")
     for needle in ("Recipe: resnet", "Data: ", "Test: test_accuracy 0.55, test_loss 0.3", f"({run.run_id})"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import signal
 import sys
@@ -33,6 +34,8 @@ def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.y
     Ends with one line giving the stage's wall time and peak resident memory.
     """
     setup_logging()
+    # MLflow's download bars (loading a model to check it, say) are noise in a stage's log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     start = time.perf_counter()
     # SIGTERM (kill, a CI runner's timeout, a container stopping) ends the stage as Ctrl-C
     # does: the MLflow run is closed KILLED and atomic writes clean up, instead of dying

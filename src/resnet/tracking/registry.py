@@ -205,9 +205,16 @@ def register_model(
 
     def create() -> int:
         version_tags = {**{k: _tag_value(v) for k, v in metrics.items()}, **(tags or {})}
-        version = mlflow.register_model(model_uri, name, tags=version_tags)
-        client.set_model_version_tag(name, version.version, "mlflow.run_id", run.run_id)
-        client.update_model_version(name, version.version, description=_description(run, metric, metrics))
+        # The client's call, not mlflow.register_model, which prints that the model "already exists"
+        # (_ensure_registered_model has just made sure it does).
+        version = client.create_model_version(
+            name,
+            model_uri,
+            run_id=run.run_id,
+            tags={**version_tags, "mlflow.run_id": run.run_id},
+            description=_description(run, metric, metrics),
+            model_id=model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None,
+        )
         return int(version.version)
 
     return _register(client, run, name, metric, float(metrics[metric]), create)

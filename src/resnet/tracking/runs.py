@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -85,6 +86,11 @@ def _dirty_code() -> list[str]:
     produced = [paths.PARAMS, Path("dvc.lock"), *(p for outs in paths.STAGE_OUTPUTS.values() for p in outs)]
     changed = _git("diff", "--name-only", "HEAD", "--", ".", *(f":(exclude){p}" for p in produced))
     return (changed or "").splitlines()
+
+
+def param_values(params: Params) -> dict[str, str]:
+    """The flattened params as MLflow shows them: as params.yaml writes them (null, true, [15, 25]), not None."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in to_flat_dict(params).items()}
 
 
 def _run_name(params: Params, commit: str, dirty: bool) -> str:
@@ -235,7 +241,7 @@ def _reusable_run(run_file: Path, params: Params) -> str | None:
         return None
     if run.data.tags.get(STAGE_TAG + "train") == "finished" or run.info.status == "FINISHED":
         return None
-    same_params = run.data.params == {k: str(v) for k, v in to_flat_dict(params).items()}
+    same_params = run.data.params == param_values(params)
     if same_params and not run.data.metrics:
         log.info("MLflow run %s: its training stopped before the first epoch; training again in it", run_id)
         return run_id
@@ -283,7 +289,7 @@ def start_run(
         run.save(run_file)
         mlflow.set_tags(tags)
         if run_id is None:  # a resumed or reused run has them already
-            mlflow.log_params(to_flat_dict(params))
+            mlflow.log_params(param_values(params))
             log_dataset(meta)
         log.info("MLflow run %s (%s) in %s", run.run_id, "resumed" if run_id else "new", run.tracking_uri)
         yield run
