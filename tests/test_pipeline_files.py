@@ -88,7 +88,21 @@ def test_data_deps_and_outputs_are_the_ones_resnet_paths_names(stage: str) -> No
     data_deps = [d for d in _entries(spec["deps"]) if not d.startswith(("src/", "stages/"))]
     assert data_deps == [str(p) for p in paths.STAGE_INPUTS[stage]]
     outputs = _entries(spec.get("outs")) + _entries(spec.get("metrics")) + _entries(spec.get("plots"))
-    assert outputs == [str(p) for p in paths.STAGE_OUTPUTS[stage]]
+    assert sorted(outputs) == sorted(str(p) for p in paths.STAGE_OUTPUTS[stage])
+
+
+def test_each_chart_is_declared_once_in_the_top_level_plots_on_a_stage_output() -> None:
+    """A file under a stage's plots is also drawn with DVC's defaults (epoch_seconds against
+    "step", per-class lines against the class index, each PNG twice): plot data are plain outs."""
+    assert not [stage for stage, spec in PIPELINE["stages"].items() if "plots" in spec]
+    drawn = []
+    for entry in PIPELINE["plots"]:
+        name, spec = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        drawn += list(spec["y"]) if spec else [name]
+    produced = {str(p) for outs in paths.STAGE_OUTPUTS.values() for p in outs}
+    assert set(drawn) <= produced, set(drawn) - produced
+    images = [f for f in drawn if f.endswith(".png")]
+    assert len(images) == len(set(images))
 
 
 def test_every_handed_over_file_is_written_by_an_earlier_stage() -> None:
