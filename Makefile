@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test lint bench retrain install clean-venv
+.PHONY: repro test lint bench retrain ui install clean-venv
 
 # The venv is rebuilt when the dependency list or the torch pin changes.
 $(STAMP): pyproject.toml constraints.txt
@@ -50,6 +50,12 @@ bench: $(STAMP)
 BASE ?= main
 retrain: $(STAMP)
 	$(RUN) $(BIN)/python -m resnet.retrain --base $(BASE) $(RETRAIN_ARGS)
+
+# The MLflow UI on the pipeline's store, printing the links to its training runs and the
+# compare view of the latest two (MLflow 3 otherwise opens on its GenAI overview).
+UI_PORT ?= 5000
+ui: $(STAMP)
+	$(RUN) $(BIN)/python -m resnet.tracking.ui --port $(UI_PORT)
 
 clean-venv:
 	rm -rf $(VENV)
