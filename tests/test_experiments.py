@@ -259,6 +259,48 @@ def test_redact_hides_url_credentials_and_signatures() -> None:
     assert rep.redact("../shared/c10.tar.gz") == "../shared/c10.tar.gz" and rep.redact(0.1) == 0.1
 
 
+def test_report_leads_with_the_gated_metric_and_leaves_out_bookkeeping() -> None:
+    diff = {
+        "metrics/train.json": {"images_per_sec": {"old": 60.0, "new": 64.94}, "best_epoch": {"old": 3, "new": 5}},
+        "metrics/test.json": {
+            "test_accuracy": {"old": 0.6, "new": 1.0},
+            "test_loss": {"old": 1.25, "new": 0.5},
+            "test_num_classes": {"old": 10, "new": 10},
+            "test_checkpoint_epoch": {"old": 3, "new": 5},
+        },
+        "metrics/register.json": {
+            "version": {"old": 1, "new": 2},
+            "previous_champion_version": {"old": None, "new": 1},
+        },
+    }
+    report = rep.Report(
+        base="main",
+        base_commit="a" * 40,
+        params=[],
+        metrics=rep.metric_rows(diff, ["metrics/train.json", "metrics/test.json", "metrics/register.json"]),
+        registered={"model_name": "m", "version": 2, "alias": "champion", "reason": "test_accuracy 1.0000 > 0.6000"},
+        gate_metric="test_accuracy",
+        mlflow_run={"run_id": "r1", "experiment_id": "3", "tracking_uri": "https://u:secret@mlflow.example"},
+    )
+    text = rep.format_report(report)
+    # First after the header: the metric the registry gates on, and first in the table.
+    assert text.index("**test_accuracy** (what the registry compares): 0.6000 → 1.0000 (+0.4000).") < text.index(
+        "### Metrics"
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| metrics/")]
+    assert rows[0] == "| metrics/test.json | test_accuracy | 0.6000 | 1.0000 | +0.4000 |"
+    # One format per kind: fractions with four decimals, rates with one, counts as integers.
+    assert metric_row(text, "metrics/train.json", "images_per_sec")[2:] == ["60.0", "64.9", "+4.9"]
+    assert metric_row(text, "metrics/train.json", "best_epoch")[2:] == ["3", "5", "+2"]
+    assert metric_row(text, "metrics/test.json", "test_loss")[2:] == ["1.2500", "0.5000", "-0.7500"]
+    for noise in ("num_classes", "checkpoint_epoch", "metrics/register.json", "previous_champion_version"):
+        assert noise not in text, noise
+    # The MLflow run, by id and link (no credentials), and what the registry did.
+    assert "`r1` in `https://***@mlflow.example`: https://***@mlflow.example/#/experiments/3/runs/r1" in text
+    assert "`m` version 2 is **@champion**: test_accuracy 1.0000 > 0.6000." in text
+    assert "secret" not in text
+
+
 def test_format_report_tables_first_run_failure_and_redaction() -> None:
     run = rep.RunResult(
         ["/venv/bin/dvc", "exp", "run", "-S", "train.lr=0.05", "-S", "data.source=https://u:p@y.example/b.tgz"],

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from resnet.redaction import bare_key, redact, redact_override, scrub
 
 __all__ = [
     "MISSING",
@@ -131,6 +132,8 @@ class Report:
     plots: str | None = None
     title: str = "Retraining report"
     redact_keys: frozenset[str] = frozenset()
+    gate_metric: str | None = None  # register.metric: what the registry compares, shown first
+    mlflow_run: dict[str, Any] | None = None  # models/run.json: run_id, experiment_id, tracking_uri
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -266,21 +269,6 @@ def _experiment_revs(shown: Any) -> dict[str, str]:
     return revs
 
 
-def redact(value: Any) -> Any:
-    """Hide credentials in URLs (``https://user:token@host/x?sig=...``) before a value is published."""
-    if not isinstance(value, str) or "://" not in value:
-        return value
-    try:
-        parts = urllib.parse.urlsplit(value)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = "***" if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
 def _cell(value: Any) -> str:
     """A value as a markdown table cell, written the way YAML would."""
     if value is None:
@@ -296,21 +284,34 @@ def _cell(value: Any) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else '`""`'
 
 
-def _number(value: float, sign: str = "") -> str:
-    """Integers as integers; four decimals for accuracies and losses, one for throughputs and seconds."""
+# Scores and losses in [0, 1]-ish ranges: four decimals always (1.0000, not 1). Seconds and
+# throughputs: one decimal. Counts (images, epochs): integers.
+_FRACTION_KEYS: Final = ("accuracy", "loss", "precision", "recall", "f1")
+_RATE_KEYS: Final = ("seconds", "per_sec")
+# Rows that say nothing about the model: what it was evaluated on and bookkeeping.
+_NOISE_KEYS: Final = ("num_classes", "topk", "checkpoint_epoch", "resumed_from_epoch")
+_NOISE_FILES: Final = ("metrics/register.json",)  # the registry's outcome has a section of its own
+
+
+def _number(key: str, value: float, sign: str = "") -> str:
+    """``value`` of metric ``key`` written the same way in every row and report."""
+    if key.endswith(_FRACTION_KEYS):
+        return f"{value:{sign}.4f}"
+    if key.endswith(_RATE_KEYS):
+        return f"{value:{sign}.1f}"
     if float(value).is_integer() and abs(value) < 1e15:
         return f"{int(value):{sign}d}"
-    return f"{value:{sign}.4f}" if abs(value) < 100 else f"{value:{sign}.1f}"
+    return f"{value:{sign}.4f}"
 
 
-def _num(value: float | _Missing) -> str:
-    return DASH if isinstance(value, _Missing) else _number(value)
+def _num(key: str, value: float | _Missing) -> str:
+    return DASH if isinstance(value, _Missing) else _number(key, value)
 
 
-def _delta(d: float | None) -> str:
+def _delta(key: str, d: float | None) -> str:
     if d is None:
         return ""
-    return "0" if d == 0 else _number(d, "+")
+    return "0" if d == 0 else _number(key, d, "+")
 
 
 def _param_cell(value: Any, hide: bool) -> str:
@@ -324,7 +325,7 @@ def _short(commit: str) -> str:
 
 def format_report(report: Report) -> str:
     """The markdown report: run status, stages, changed params, old vs new metrics, the registry."""
-    lines = _header(report)
+    lines = _header(report) + _headline(report)
     if report.run is not None:
         lines += _stage_table(report.run, report.stage_order)
     lines += _params_table(report) + _metrics_table(report)
@@ -338,6 +339,7 @@ def format_report(report: Report) -> str:
             + f": {r.get('reason')}.",
             "",
         ]
+    lines += _mlflow_run(report)
     if report.plots:
         lines += ["### Plots", "", f"`dvc plots diff {report.base}` rendered to `{report.plots}`.", ""]
     if report.run is not None and report.run.returncode:
@@ -351,7 +353,7 @@ def _header(report: Report) -> list[str]:
     base = f"`{report.base}`" + (f" ({_short(report.base_commit)})" if report.base_commit != report.base else "")
     lines.append(f"Compared with {base}.")
     if report.overrides:
-        shown = " ".join(f"`-S {_redact_override(o, report.redact_keys)}`" for o in report.overrides)
+        shown = " ".join(f"`-S {redact_override(o, report.redact_keys)}`" for o in report.overrides)
         lines.append(f"Overrides: {shown}")
     run = report.run
     if run is None:
@@ -359,7 +361,7 @@ def _header(report: Report) -> list[str]:
     else:
         # The command as a user would type it: "dvc", not the venv's full path to it.
         args = run.command[1:]
-        args = [_redact_override(a, report.redact_keys) if i and args[i - 1] == "-S" else a for i, a in enumerate(args)]
+        args = [redact_override(a, report.redact_keys) if i and args[i - 1] == "-S" else a for i, a in enumerate(args)]
         shown = " ".join(["dvc", *args])
         outcome = "**succeeded**" if run.returncode == 0 else f"**failed** with exit status {run.returncode}"
         lines.append(f"Pipeline: {outcome} (`{shown}`).")
@@ -381,13 +383,51 @@ def _params_table(report: Report) -> list[str]:
     return [*lines, ""]
 
 
+def _gate_row(report: Report) -> MetricRow | None:
+    return next((r for r in report.metrics if report.gate_metric and r.key == report.gate_metric), None)
+
+
+def _headline(report: Report) -> list[str]:
+    """The metric the registry gates on, old -> new, before anything else."""
+    row = _gate_row(report)
+    if row is None:
+        return []
+    change = f" ({_delta(row.key, row.delta)})" if row.delta is not None else ""
+    return [
+        f"**{row.key}** (what the registry compares): {_num(row.key, row.old)} → {_num(row.key, row.new)}{change}.",
+        "",
+    ]
+
+
+def _shown_metrics(report: Report) -> list[MetricRow]:
+    """The rows worth reading: the gated metric first, no bookkeeping."""
+    gate = _gate_row(report)
+    rows = [r for r in report.metrics if r.file not in _NOISE_FILES and not r.key.endswith(_NOISE_KEYS)]
+    return ([gate] if gate else []) + [r for r in rows if r is not gate]
+
+
+def _mlflow_run(report: Report) -> list[str]:
+    run = report.mlflow_run
+    if not run or not run.get("run_id"):
+        return []
+    uri = str(redact(str(run.get("tracking_uri", ""))))
+    page = f"#/experiments/{run.get('experiment_id')}/runs/{run['run_id']}"
+    if uri.startswith(("http://", "https://")):
+        where = f"{uri.rstrip('/')}/{page}"
+    else:  # the embedded store: served by `make ui`
+        where = f"http://127.0.0.1:5000/{page} (after `make ui`)"
+    return ["### MLflow run", "", f"`{run['run_id']}` in `{uri}`: {where}", ""]
+
+
 def _metrics_table(report: Report) -> list[str]:
     lines = ["### Metrics", ""]
-    if report.metrics:
+    rows = _shown_metrics(report)
+    if rows:
         lines += ["| file | metric | old | new | change |", "| --- | --- | ---: | ---: | ---: |"]
-        for r in report.metrics:
-            lines.append(f"| {r.file} | {r.key} | {_num(r.old)} | {_num(r.new)} | {_delta(r.delta)} |")
-        if all(isinstance(r.old, _Missing) for r in report.metrics):
+        for r in rows:
+            old, new, change = _num(r.key, r.old), _num(r.key, r.new), _delta(r.key, r.delta)
+            lines.append(f"| {r.file} | {r.key} | {old} | {new} | {change} |")
+        if all(isinstance(r.old, _Missing) for r in rows):
             lines += ["", f"`{report.base}` has no metrics yet (first run): old values are {DASH}."]
     else:
         lines.append("No metrics files found.")
@@ -396,7 +436,7 @@ def _metrics_table(report: Report) -> list[str]:
 
 def _failure(run: RunResult, secrets: Sequence[str]) -> list[str]:
     """The end of a failed pipeline's output, without secrets."""
-    tail = _scrub("\n".join(run.output.rstrip().splitlines()[-FAILURE_TAIL_LINES:]), secrets)
+    tail = scrub("\n".join(run.output.rstrip().splitlines()[-FAILURE_TAIL_LINES:]), secrets)
     return [
         "### Failure",
         "",
@@ -446,27 +486,6 @@ def _secrets(report: Report) -> list[str]:
     values += [c.new for c in report.params if c.key in report.redact_keys]
     for o in report.overrides:
         key, _, value = o.partition("=")
-        if _bare_key(key) in report.redact_keys:
+        if bare_key(key) in report.redact_keys:
             values.append(value)
     return sorted({v for v in values if isinstance(v, str) and v}, key=len, reverse=True)
-
-
-_URL_CREDENTIALS = re.compile(r"(\w+://)[^/\s@]+@")
-
-
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    """Log text without the secret values and URL credentials it may contain."""
-    for value in secrets:
-        text = text.replace(value, "***")
-    return _URL_CREDENTIALS.sub(r"\1***@", text)
-
-
-def _bare_key(key: str) -> str:
-    """``params.yaml:++train.lr`` -> ``train.lr``."""
-    return key.split(":", 1)[-1].lstrip("+~")
-
-
-def _redact_override(override: str, keys: frozenset[str]) -> str:
-    key, _, value = override.partition("=")
-    bare = _bare_key(key)
-    return f"{key}=***" if bare in keys else f"{key}={redact(value)}"

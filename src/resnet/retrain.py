@@ -40,11 +40,11 @@ from typing import Any, Final
 import yaml
 
 from resnet import paths
+from resnet.redaction import scrub
 from resnet.report import (
     PIPELINE_FILE,
     Report,
     RunResult,
-    _scrub,
     format_report,
     metric_files,
     metric_rows,
@@ -144,7 +144,7 @@ def dvc_json(args: Sequence[str], cwd: str | Path = ".", timeout: float = 600) -
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RetrainError(f"cannot run `{shown}`: {e}; install the project (make install) or put dvc on PATH") from e
     # DVC's warnings (e.g. that the base has no metrics yet, on a first run) go to stderr.
-    warnings = _scrub(out.stderr.strip()[-2000:], ())
+    warnings = scrub(out.stderr.strip()[-2000:], ())
     if out.returncode != 0:
         raise RetrainError(
             f"`{shown}` exited {out.returncode}: {warnings or 'no message'}; run it in {cwd} to see the whole error"
@@ -297,7 +297,25 @@ def build_report(
         registered=registered,
         title=title,
         redact_keys=frozenset(redact_keys),
+        gate_metric=_gate_metric(cwd),
+        mlflow_run=_json_or_none(cwd / paths.RUN_FILE),
     )
+
+
+def _gate_metric(cwd: Path) -> str | None:
+    """register.metric of the workspace's params.yaml: the metric the report leads with."""
+    try:
+        return _yaml((cwd / paths.PARAMS).read_text(), str(paths.PARAMS)).get("register", {}).get("metric")
+    except (OSError, AttributeError, PipelineError):
+        return None
+
+
+def _json_or_none(path: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _parser() -> argparse.ArgumentParser:
