@@ -24,11 +24,18 @@ import mlflow
 import pytest
 from paramsets import repo_params
 from test_plots_page import _chromium
+from test_tracking import _checkpoint, _images
 
 from resnet import tracking
 from resnet.tracking.ui import compare_url, runs_url
 
-META = {"dataset": "cifar10", "source": "cifar10.tar.gz", "source_sha256": "ab" * 32, "content_sha256": "cd" * 32}
+META = {
+    "dataset": "cifar10",
+    "source": "cifar10.tar.gz",
+    "source_sha256": "ab" * 32,
+    "content_sha256": "cd" * 32,
+    "sizes": {"train": 9, "val": 3, "test": 3},
+}
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
@@ -45,8 +52,23 @@ def _text(dom: str) -> str:
 
 
 class UI:
-    def __init__(self, base: str, experiment_id: str, runs: dict[str, str]) -> None:
+    def __init__(self, base: str, experiment_id: str, runs: dict[str, str], model_id: str) -> None:
         self.base, self.experiment_id, self.runs = base, experiment_id, runs  # runs: id -> name
+        self.model_id = model_id  # the second run's logged (and registered) model
+
+
+def _register(params_changes: dict) -> str:
+    """The evaluate and register stages' MLflow part for run.json's run: its logged model's id."""
+    params = repo_params(params_changes)
+    figures = {"test_accuracy": 0.61, "test_loss": 1.1}
+    _checkpoint(Path("models/best.pt"))
+    with tracking.continue_run(params, "models/run.json", "evaluate") as run:
+        run.log_results(figures)
+    with tracking.continue_run(params, "models/run.json", "register") as run:
+        result = tracking.register_checkpoint(
+            run, "models/best.pt", _images(), "ui-test", "test_accuracy", figures, meta=META
+        )
+    return mlflow.MlflowClient().get_model_version("ui-test", str(result["version"])).source.removeprefix("models:/")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +88,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
                     run.log_epoch(epoch, {"epoch": epoch, "train_loss": 2.0 / epoch, "val_accuracy": 0.2 * epoch + lr})
                 run.log_results({"best_val_accuracy": 0.6 + lr, "test_accuracy": 0.55 + lr})
             runs[run.run_id] = mlflow.get_run(run.run_id).info.run_name
+        model_id = _register({"train.lr": lr})
     finally:
         os.chdir(cwd)
         mlflow.set_tracking_uri(None)
@@ -88,7 +111,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
             except OSError:
                 assert time.monotonic() < deadline, "mlflow server did not answer in 180 s"
                 time.sleep(0.5)
-        yield UI(base, run.experiment_id, runs)
+        yield UI(base, run.experiment_id, runs, model_id)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -126,6 +149,12 @@ def test_the_compare_view_shows_both_runs_and_the_param_that_differs(ui: UI, tmp
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("RESNET_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["RESNET_SCREENSHOT_DIR"]) / shot.name)
+
+
+def test_the_logged_model_page_names_the_dataset_its_figures_were_measured_on(ui: UI) -> None:
+    text = _text(_open(f"{ui.base}/#/experiments/{ui.experiment_id}/models/{ui.model_id}", "--dump-dom"))
+    assert "cifar10 from cifar10.tar.gz (train/val/test 9/3/3)" in text, text[:4000]
+    assert "resnet20-" in text  # named after the architecture and its run, not "model"
 
 
 def test_make_ui_prints_the_links_and_refuses_a_store_without_runs(tmp_path: Path) -> None:

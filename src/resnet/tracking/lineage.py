@@ -67,15 +67,18 @@ def link_model_figures(run_id: str, model_id: str, keys: list[str], meta: dict[s
     """Log the run's current values of ``keys`` against ``model_id`` and the dataset of ``meta``.
 
     The same points as the run's (key, value, step and timestamp): MLflow keeps one row
-    for the run and adds the model's, so nothing is logged twice at a step.
+    for the run and adds the model's, so nothing is logged twice at a step. A point MLflow
+    already copied to the model (those at the step the model was logged at) stays as it is.
     """
     client = MlflowClient()
     data = dataset(meta)
+    held = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or []}
     points = []
     for key in keys:
         history = client.get_metric_history(run_id, key)
         if history:
             last = max(history, key=lambda m: (m.step, m.timestamp))
-            points.append(Metric(key, last.value, last.timestamp, last.step, model_id, data.name, data.digest))
+            if (key, last.step, last.timestamp) not in held:
+                points.append(Metric(key, last.value, last.timestamp, last.step, model_id, data.name, data.digest))
     if points:
         client.log_batch(run_id, metrics=points)
