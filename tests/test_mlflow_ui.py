@@ -24,18 +24,11 @@ import mlflow
 import pytest
 from paramsets import repo_params
 from test_plots_page import _chromium
-from test_tracking import _checkpoint, _images
+from test_tracking import META, _checkpoint, _images
 
 from resnet import tracking
 from resnet.tracking.ui import compare_url, runs_url
 
-META = {
-    "dataset": "cifar10",
-    "source": "cifar10.tar.gz",
-    "source_sha256": "ab" * 32,
-    "content_sha256": "cd" * 32,
-    "sizes": {"train": 9, "val": 3, "test": 3},
-}
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
@@ -153,7 +146,7 @@ def test_the_compare_view_shows_both_runs_and_the_param_that_differs(ui: UI, tmp
 
 def test_the_logged_model_page_names_the_dataset_its_figures_were_measured_on(ui: UI) -> None:
     text = _text(_open(f"{ui.base}/#/experiments/{ui.experiment_id}/models/{ui.model_id}", "--dump-dom"))
-    assert "cifar10 from cifar10.tar.gz (train/val/test 9/3/3)" in text, text[:4000]
+    assert "imagefolder from archive.tar.gz (train/val/test 9/3/3)" in text, text[:4000]
     assert "resnet20-" in text  # named after the architecture and its run, not "model"
 
 
