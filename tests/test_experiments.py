@@ -647,7 +647,7 @@ def assert_champion_moves_only_when_better(client: MlflowClient) -> None:
         assert "registered_alias" not in client.get_run(version_run_id(v)).data.tags  # aliases only in the registry
     assert champion is not None
     newest = versions[-1].version
-    expected = {"champion": champion} | ({"challenger": newest} if int(newest) > int(champion) else {})
+    expected = {"champion": str(champion)} | ({"challenger": str(newest)} if int(newest) > int(champion) else {})
     assert {k: str(v) for k, v in client.get_registered_model(MODEL_NAME).aliases.items()} == expected
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -35,8 +36,9 @@ from test_training import load_stage_module, write_stage_inputs
 
 from resnet import paths, tracking
 from resnet.checkpoint import load_checkpoint
-from resnet.config import to_flat_dict
+from resnet.tracking.runs import param_values
 from resnet.training import Trainer
+from resnet.utils import interrupt, interrupts_deferred
 
 
 def _run() -> mlflow.entities.Run:
@@ -155,7 +157,7 @@ def _cut_off_training(params_changes: dict | None = None) -> str:
     experiment_id = tracking.store.setup(params.tracking)
     client = MlflowClient()
     run = client.create_run(experiment_id, tags={"pipeline.stage.train": "running"})  # RUNNING, never ended
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in to_flat_dict(params).items()])
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in param_values(params).items()])
     tracking.PipelineRun(run.info.run_id, experiment_id, mlflow.get_tracking_uri()).save(paths.RUN_FILE)
     return run.info.run_id
 
@@ -200,3 +202,20 @@ def test_sigterm_ends_a_training_like_ctrl_c_with_the_run_killed(tmp_path: Path)
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["pipeline.stage.train"] == "killed"
     assert run.data.tags["pipeline.failure"] == "train: interrupted (Ctrl-C or SIGTERM)"
+
+
+def test_a_signal_during_a_deferred_write_is_raised_once_the_write_is_done() -> None:
+    """Ctrl-C or SIGTERM inside an MLflow write waits for it (no half-done write, no database traceback)."""
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt, match="signal 15"), interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now: the interrupt is held
+            done.append("written")
+        assert done == ["written"]
+        with pytest.raises(KeyboardInterrupt):  # outside a deferred block: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from resnet.config import Params, load_params
-from resnet.utils import PipelineError, is_storage_error, setup_logging
+from resnet.utils import PipelineError, interrupt, is_storage_error, setup_logging
 
 __all__ = ["run_stage", "storage_error_message"]
 
@@ -39,8 +39,8 @@ def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.y
     start = time.perf_counter()
     # SIGTERM (kill, a CI runner's timeout, a container stopping) ends the stage as Ctrl-C
     # does: the MLflow run is closed KILLED and atomic writes clean up, instead of dying
-    # with the run left RUNNING.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # with the run left RUNNING. Both wait for a database write under way (interrupts_deferred).
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         run(load_params(params_path))
     except PipelineError as e:
@@ -59,13 +59,10 @@ def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.y
         log.warning("interrupted%s", f"; {on_interrupt}" if on_interrupt else "")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - start, peak_rss_mib())
     return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # What to do, by errno; the rest (EIO) points at the disk itself.

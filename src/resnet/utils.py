@@ -35,6 +35,8 @@ __all__ = [
     "repo_root",
     "workspace_root",
     "progress_enabled",
+    "interrupts_deferred",
+    "interrupt",
 ]
 
 log = logging.getLogger(__name__)
@@ -270,3 +272,37 @@ def workspace_root() -> Path:
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return root
+
+
+# --------------------------------------------------------------------------- interrupts
+
+_held_interrupts: list[int] = []
+_deferring = 0
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM (the stage's :func:`interrupt`) until the block ends.
+
+    For short writes that must not stop halfway: an interrupt inside an MLflow call lands
+    in SQLAlchemy or sqlite3, which log it as a database error with a traceback and may
+    leave the write undone; held, it is raised as the block ends, after the write.
+    """
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _held_interrupts:
+        signum = _held_interrupts.pop()
+        _held_interrupts.clear()
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt(signum: int, frame: object = None) -> None:
+    """A signal handler: KeyboardInterrupt now, or as the innermost deferring block ends."""
+    if _deferring:
+        _held_interrupts.append(signum)
+        return
+    raise KeyboardInterrupt(f"signal {signum}")

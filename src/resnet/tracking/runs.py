@@ -38,7 +38,7 @@ from resnet import paths
 from resnet.config import Params, to_flat_dict
 from resnet.tracking.lineage import log_dataset
 from resnet.tracking.store import TrackingError, setup
-from resnet.utils import PipelineError, read_handover_json, repo_root, write_json
+from resnet.utils import PipelineError, interrupts_deferred, read_handover_json, repo_root, write_json
 
 __all__ = ["EPOCH_PREFIX", "PipelineRun", "start_run", "continue_run", "check_run", "device_description", "STAGE_TAG"]
 
@@ -148,9 +148,10 @@ class PipelineRun:
         if not values:
             return
         client = MlflowClient()
-        if any(m.step == int(epoch) for m in client.get_metric_history(self.run_id, next(iter(values)))):
-            return
-        mlflow.log_metrics(values, step=int(epoch), run_id=self.run_id)
+        with interrupts_deferred():  # Ctrl-C or SIGTERM between epochs: the epoch is logged first
+            if any(m.step == int(epoch) for m in client.get_metric_history(self.run_id, next(iter(values)))):
+                return
+            mlflow.log_metrics(values, step=int(epoch), run_id=self.run_id)
 
     def log_results(self, results: dict[str, Any]) -> None:
         """A stage's results file (metrics/*.json) under the same names: what the run table shows.
@@ -171,7 +172,8 @@ class PipelineRun:
                 step = len(client.get_metric_history(self.run_id, key)) if key in current else 0
                 metrics.append(Metric(key, float(value), now, step))
         if metrics:
-            client.log_batch(self.run_id, metrics=metrics)
+            with interrupts_deferred():
+                client.log_batch(self.run_id, metrics=metrics)
 
     def log_artifacts(self, paths: Sequence[str | Path], artifact_path: str | None = None) -> None:
         for p in paths:
