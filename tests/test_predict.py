@@ -128,7 +128,11 @@ def test_images_are_read_and_classified_a_batch_at_a_time(
 
 
 def test_failures_are_one_line_and_leave_no_csv(
-    store: list[str], inputs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: list[str],
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "preds.csv"
     base = [*store, "-o", str(out)]
@@ -144,6 +148,8 @@ def test_failures_are_one_line_and_leave_no_csv(
         assert len(errors) == 1 and needle in errors[0], (what, errors)
         assert not out.exists() and not list(tmp_path.glob(".preds.csv*")), what
     caplog.clear()
+    # No params file: the default store, mlflow.db at the repository root; here tmp_path's, not the checkout's.
+    monkeypatch.chdir(tmp_path)
     assert predict.main(["--model", "models:/nope@champion", "--params", "none.yaml", str(inputs["tree"])]) == 1
     assert "nope" in caplog.text
 
