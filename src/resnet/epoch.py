@@ -52,16 +52,9 @@ def train_one_epoch(
     Returns loss, accuracy, images, seconds, images_per_sec (all processes) and lr (of the last step).
     Raises TrainingError when the loss turns NaN or infinite in any process.
     """
-    device = loader.device
     params = [p for p in model.parameters() if p.requires_grad]
     steps, accumulation = len(loader), loader.accumulation
-    # Per-rank mean losses of micro-batches add up to the global batch's mean loss once divided by
-    # the accumulation steps (DDP divides by the processes).
-    loss_scale = 1.0 / accumulation
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
-    seen = 0
+    tally = _Tally(loader.device)
     lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(
         total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress_enabled()
@@ -72,30 +65,22 @@ def train_one_epoch(
         stepping = (step + 1) % accumulation == 0
         # Between optimizer steps DDP need not average gradients: they only accumulate.
         with nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(device, precision):
+            with autocast(loader.device, precision):
                 logits = model(x)
                 loss = criterion(logits, y)
-            scaler.scale(loss * loss_scale if accumulation > 1 else loss).backward()
+            # Per-rank mean losses of micro-batches add up to the global batch's mean loss once
+            # divided by the accumulation steps (DDP divides by the processes).
+            scaler.scale(loss * (1.0 / accumulation) if accumulation > 1 else loss).backward()
         if stepping:
             lr = _optimizer_step(params, optimizer, scheduler, scaler, grad_clip)
-
-        # Bookkeeping stays on the device; the host only looks every few dozen steps.
-        loss = loss.detach().float()
-        first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, step)
-        loss_sum += loss * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
+        tally.add(step, loss, logits, y)
         bar.update(1)
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-            _check_finite(first_bad, epoch, steps)
+            _check_finite(tally.first_bad, epoch, steps)
         if not bar.disable and (step + 1) % POSTFIX_EVERY == 0:
-            _show_progress(bar, loss_sum, correct, seen, t0)
+            _show_progress(bar, tally, t0)
     bar.close()
-    # One sum over the processes (a no-op alone); also syncs the device, so the timing is honest.
-    totals = all_reduce_sum(
-        torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])
-    )
-    loss_total, correct_total, seen_total = totals.tolist()
+    loss_total, correct_total, seen_total = tally.totals()  # also syncs the device: honest timing
     seconds = time.perf_counter() - t0
     return {
         "loss": loss_total / seen_total,
@@ -107,12 +92,36 @@ def train_one_epoch(
     }
 
 
-def _show_progress(bar: tqdm, loss_sum: Tensor, correct: Tensor, seen: int, t0: float) -> None:
+class _Tally:
+    """The epoch's figures, kept on the device: the host looks only every few dozen steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
+        self.seen = 0
+
+    def add(self, step: int, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        loss = loss.detach().float()
+        self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad >= 0), self.first_bad, step)
+        self.loss_sum += loss * len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def totals(self) -> list[float]:
+        """Summed loss, correct answers and images over every process (one all-reduce; a no-op alone)."""
+        stacked = torch.stack(
+            [self.loss_sum.double(), self.correct.double(), self.loss_sum.new_tensor(self.seen, dtype=torch.float64)]
+        )
+        return all_reduce_sum(stacked).tolist()
+
+
+def _show_progress(bar: tqdm, tally: _Tally, t0: float) -> None:
     """The bar's running loss, accuracy and speed (two syncs: only every POSTFIX_EVERY steps, only on a terminal)."""
     bar.set_postfix(
-        loss=f"{loss_sum.item() / seen:.4f}",
-        acc=f"{correct.item() / seen:.4f}",
-        img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+        loss=f"{tally.loss_sum.item() / tally.seen:.4f}",
+        acc=f"{tally.correct.item() / tally.seen:.4f}",
+        img_s=f"{tally.seen / (time.perf_counter() - t0):.0f}",
     )
 
 
