@@ -7,13 +7,14 @@ pipeline's MLflow run. Nothing is written when params, checkpoint or data are un
 """
 
 import sys
+from typing import Any
 
 from resnet import paths, tracking
 from resnet.config import Params
 from resnet.plots import plot_confusion_matrix, plot_misclassified, write_confusion_csv, write_per_class_csv
 from resnet.split_evaluation import SplitEvaluation, evaluate_checkpoint
 from resnet.stage import run_stage
-from resnet.utils import read_json, resolve_device, write_json
+from resnet.utils import resolve_device, write_json
 
 
 def run(params: Params) -> None:
@@ -26,8 +27,7 @@ def run(params: Params) -> None:
             device=resolve_device(params.train.device),
             run_id=mlrun.run_id,
         )
-        _write_results(ev, params.evaluate.misclassified_examples)
-        mlrun.log_results(read_json(paths.TEST_METRICS))
+        mlrun.log_results(_write_results(ev, params.evaluate.misclassified_examples))
         mlrun.log_artifacts(
             [
                 paths.TEST_METRICS,
@@ -40,7 +40,8 @@ def run(params: Params) -> None:
         )
 
 
-def _write_results(ev: SplitEvaluation, misclassified_examples: int) -> None:
+def _write_results(ev: SplitEvaluation, misclassified_examples: int) -> dict[str, Any]:
+    """The files of the test split's results; returns what metrics/test.json holds."""
     # Plots first, metrics last: a metrics/test.json on disk means the whole set was written.
     write_confusion_csv(paths.TEST_CONFUSION, ev.result, ev.classes)
     write_per_class_csv(paths.TEST_PER_CLASS, ev.result, ev.classes)
@@ -51,7 +52,9 @@ def _write_results(ev: SplitEvaluation, misclassified_examples: int) -> None:
         title=f"Test confusion matrix ({ev.checkpoint.name}), accuracy {ev.result.accuracy:.2%}",
     )
     plot_misclassified(paths.TEST_MISCLASSIFIED_PNG, ev.images, ev.result, ev.classes, limit=misclassified_examples)
-    write_json(paths.TEST_METRICS, ev.metrics("test"))
+    results = ev.metrics("test")
+    write_json(paths.TEST_METRICS, results)
+    return results
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ from resnet.config import Params
 from resnet.plots import write_confusion_csv, write_per_class_csv
 from resnet.split_evaluation import evaluate_checkpoint
 from resnet.stage import run_stage
-from resnet.utils import read_json, resolve_device, write_json
+from resnet.utils import resolve_device, write_json
 
 
 def run(params: Params) -> None:
@@ -30,8 +30,9 @@ def run(params: Params) -> None:
         # Metrics last: a metrics/val.json on disk means the whole set was written.
         write_confusion_csv(paths.VAL_CONFUSION, ev.result, ev.classes)
         write_per_class_csv(paths.VAL_PER_CLASS, ev.result, ev.classes)
-        write_json(paths.VAL_METRICS, ev.metrics("val"))
-        mlrun.log_results(read_json(paths.VAL_METRICS))
+        results = ev.metrics("val")
+        write_json(paths.VAL_METRICS, results)
+        mlrun.log_results(results)
         mlrun.log_artifacts([paths.VAL_METRICS, paths.VAL_CONFUSION, paths.VAL_PER_CLASS], artifact_path="val")
 
 

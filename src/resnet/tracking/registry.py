@@ -164,6 +164,11 @@ def _settle_challenger(client: MlflowClient, name: str, metric: str, champion: i
     raise TrackingError(f"the challenger of {name!r} kept moving under other registrations; rerun register")
 
 
+def _logged_model_id(model_uri: str) -> str | None:
+    """``m-...`` of MLflow 3's ``models:/m-...`` URI of a logged model; None for any other URI."""
+    return model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+
+
 def _tag_value(value: Any) -> str:
     """A version tag people read: 0.34, not 0.33999999999999997.
 
@@ -213,7 +218,7 @@ def register_model(
             run_id=run.run_id,
             tags={**version_tags, "mlflow.run_id": run.run_id},
             description=_description(run, metric, metrics),
-            model_id=model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None,
+            model_id=_logged_model_id(model_uri),
         )
         return int(version.version)
 
@@ -299,8 +304,9 @@ def register_checkpoint(
     existing = _registered_before(client, name, run.run_id, digest)
     if existing is None:
         model_uri = log_model(run, checkpoint, example)
-        if meta is not None:
-            link_model_figures(run.run_id, model_uri.removeprefix("models:/"), list(metrics), meta)
+        model_id = _logged_model_id(model_uri)
+        if meta is not None and model_id is not None:
+            link_model_figures(run.run_id, model_id, list(metrics), meta)
         return register_model(run, model_uri, name, metric, metrics, {**(tags or {}), CHECKPOINT_TAG: digest})
     log.info("run %s registered this checkpoint as %s v%s already: not again", run.run_id, name, existing.version)
     return _register(client, run, name, metric, float(metrics[metric]), lambda: int(existing.version))
