@@ -50,7 +50,8 @@ go = Path(args["go"])
 while not go.exists():
     time.sleep(0.001)
 if args["action"] == "setup":
-    print(json.dumps({"experiment_id": store.setup(TrackingParams(uri=args["uri"], experiment="race"))}))
+    tp = TrackingParams(uri=args["uri"], experiment="race", system_metrics=False, system_metrics_interval=10)
+    print(json.dumps({"experiment_id": store.setup(tp)}))
 else:
     store.point_mlflow_at(args["uri"])
     run = registry.PipelineRun(args["run_id"], "0", args["uri"])

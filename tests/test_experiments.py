@@ -581,7 +581,7 @@ def tiny_params() -> dict:
     params["register"]["model_name"] = MODEL_NAME
     # The lr 1e-4 baseline is at chance on purpose (a clearly worse first version): register it anyway.
     params["register"]["refuse_at_chance"] = False
-    params["tracking"] = {"uri": None, "experiment": "resnet-pipeline"}
+    params["tracking"].update(uri=None, experiment="resnet-pipeline")
     return params
 
 

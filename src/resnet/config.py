@@ -193,6 +193,10 @@ class TrackingParams:
     # null = SQLite store mlflow.db and artifacts mlartifacts/ at the repository root.
     uri: str | None = _opt()
     experiment: str = _opt()
+    # CPU, memory, disk, network (and GPU utilisation and memory where there is one) during
+    # training, as system/* metrics of the run, sampled every system_metrics_interval seconds.
+    system_metrics: bool = _opt()
+    system_metrics_interval: float = _opt(ge=1, le=3600)
 
 
 @dataclass

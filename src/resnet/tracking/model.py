@@ -240,7 +240,9 @@ def load_pyfunc(model_uri: str, params: TrackingParams | None = None) -> Any:
     ``params`` None: the store of MLFLOW_TRACKING_URI, else mlflow.db at the repository root.
     """
     # Only tracking.uri matters here; the experiment name does not.
-    uri = resolve_tracking_uri(params or TrackingParams(uri=None, experiment=""))
+    uri = resolve_tracking_uri(
+        params or TrackingParams(uri=None, experiment="", system_metrics=False, system_metrics_interval=10)
+    )
     point_mlflow_at(uri)
     try:
         return mlflow.pyfunc.load_model(model_uri)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
 import torch
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -37,7 +38,7 @@ from mlflow.tracking import MlflowClient
 from resnet import paths
 from resnet.config import Params, to_flat_dict
 from resnet.tracking.lineage import log_dataset
-from resnet.tracking.store import TrackingError, setup
+from resnet.tracking.store import TrackingError, logging_failure, setup
 from resnet.utils import PipelineError, interrupts_deferred, read_handover_json, repo_root, write_json
 
 __all__ = ["EPOCH_PREFIX", "PipelineRun", "start_run", "continue_run", "check_run", "device_description", "STAGE_TAG"]
@@ -148,10 +149,23 @@ class PipelineRun:
         if not values:
             return
         client = MlflowClient()
-        with interrupts_deferred():  # Ctrl-C or SIGTERM between epochs: the epoch is logged first
+        # Ctrl-C or SIGTERM between epochs: the epoch is logged first.
+        with self._writing(f"logging epoch {epoch}"), interrupts_deferred():
             if any(m.step == int(epoch) for m in client.get_metric_history(self.run_id, next(iter(values)))):
                 return
             mlflow.log_metrics(values, step=int(epoch), run_id=self.run_id)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A write the store refused or never answered (a server gone mid-training) as one line saying what is kept."""
+        try:
+            yield
+        except (MlflowException, requests.RequestException) as e:
+            error = logging_failure(self.tracking_uri, what, e)
+            raise TrackingError(
+                f"{error}; what the stage wrote is kept (checkpoints in models/): rerun it (dvc repro) once the "
+                f"store answers, to resume into the same MLflow run {self.run_id}"
+            ) from e
 
     def log_results(self, results: dict[str, Any]) -> None:
         """A stage's results file (metrics/*.json) under the same names: what the run table shows.
@@ -162,30 +176,33 @@ class PipelineRun:
         file's and no step holds two values.
         """
         client = MlflowClient()
-        current = client.get_run(self.run_id).data.metrics
-        now = int(time.time() * 1000)
-        metrics = []
-        for key, value in results.items():
-            if isinstance(value, str):
-                client.set_tag(self.run_id, key, value)
-            elif isinstance(value, (int, float)) and current.get(key) != float(value):
-                step = len(client.get_metric_history(self.run_id, key)) if key in current else 0
-                metrics.append(Metric(key, float(value), now, step))
-        if metrics:
-            with interrupts_deferred():
-                client.log_batch(self.run_id, metrics=metrics)
+        with self._writing("logging the results"):
+            current = client.get_run(self.run_id).data.metrics
+            now = int(time.time() * 1000)
+            metrics = []
+            for key, value in results.items():
+                if isinstance(value, str):
+                    client.set_tag(self.run_id, key, value)
+                elif isinstance(value, (int, float)) and current.get(key) != float(value):
+                    step = len(client.get_metric_history(self.run_id, key)) if key in current else 0
+                    metrics.append(Metric(key, float(value), now, step))
+            if metrics:
+                with interrupts_deferred():
+                    client.log_batch(self.run_id, metrics=metrics)
 
     def log_artifacts(self, paths: Sequence[str | Path], artifact_path: str | None = None) -> None:
         for p in paths:
             if Path(p).exists():
-                mlflow.log_artifact(str(p), artifact_path=artifact_path, run_id=self.run_id)
+                with self._writing(f"uploading {p}"):
+                    mlflow.log_artifact(str(p), artifact_path=artifact_path, run_id=self.run_id)
             else:
                 log.warning("not logging %s to MLflow: it does not exist", p)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         client = MlflowClient()
-        for k, v in tags.items():
-            client.set_tag(self.run_id, k, str(v))
+        with self._writing("setting tags"):
+            for k, v in tags.items():
+                client.set_tag(self.run_id, k, str(v))
 
     def save(self, run_file: str | Path) -> None:
         write_json(run_file, asdict(self))
@@ -283,8 +300,14 @@ def start_run(
         run_id = _reusable_run(Path(run_file), params)
     tags = _provenance_tags(meta, device)
     run_name = _run_name(params, tags["git.commit"], tags["git.dirty"] == "true")
+    system = params.tracking.system_metrics
+    if system:  # system/* metrics from a thread while the run is active (the training only)
+        mlflow.set_system_metrics_sampling_interval(params.tracking.system_metrics_interval)
     active = mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=None if run_id else run_name
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else run_name,
+        log_system_metrics=system,
     )
     with _stage_status(active.info.run_id, "train"):
         run = PipelineRun(active.info.run_id, active.info.experiment_id, mlflow.get_tracking_uri())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,17 @@ from resnet.config import TrackingParams
 from resnet.lock import waiting_lock
 from resnet.utils import PipelineError, workspace_root
 
-__all__ = ["TrackingError", "store_root", "resolve_tracking_uri", "setup", "point_mlflow_at", "store_lock", "quiet"]
+__all__ = [
+    "TrackingError",
+    "store_root",
+    "resolve_tracking_uri",
+    "setup",
+    "point_mlflow_at",
+    "store_lock",
+    "quiet",
+    "check_server",
+    "logging_failure",
+]
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +114,53 @@ def quiet(logger: str, level: int = logging.ERROR) -> Iterator[None]:
         lg.setLevel(before)
 
 
+# A tracking server that is down or unreachable fails the stage within this many seconds.
+HEALTH_TIMEOUT = 10
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_server(uri: str) -> None:
+    """A tracking server answers its /health (no login needed) within HEALTH_TIMEOUT seconds, or TrackingError.
+
+    Before any MLflow call: MLflow's own client retries a refused connection for minutes
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES) and waits for a silent one for two (…_TIMEOUT).
+    """
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT):
+            return
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code} from /health"
+    except OSError as e:  # refused, unreachable, no such host, timed out
+        reason = str(getattr(e, "reason", None) or e) or type(e).__name__
+    raise TrackingError(
+        f"MLflow server {uri} is not answering ({reason}): start it (make server, docs/team.md) "
+        "or fix tracking.uri / MLFLOW_TRACKING_URI"
+    )
+
+
+def _login_failure(uri: str, text: str) -> str | None:
+    """The fix for a server that refused the login (401) or the action (403); None for other failures."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if "error code 401" in text or "UNAUTHENTICATED" in text:
+        if not user:
+            return f"MLflow server {uri} needs a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        return (
+            f"MLflow server {uri} refused the password of user {user!r} (401): "
+            "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+        )
+    if "error code 403" in text or "PERMISSION_DENIED" in text:
+        return f"MLflow server {uri} refused user {user!r} (403, no permission): ask the server's admin for EDIT"
+    return None
+
+
 def _store_failure(uri: str, e: BaseException) -> TrackingError:
     """One line for a store that cannot be opened: which store, what went wrong, what to do."""
     text = " ".join(str(e).split())
+    if login := _login_failure(uri, text):
+        return TrackingError(login)
     if "database is locked" in text:
         fix = "another program holds it locked (an open sqlite3 shell, a stuck process): close it and rerun"
     elif "not a database" in text or "malformed" in text:
@@ -122,6 +178,8 @@ def setup(params: TrackingParams) -> str:
     embedded = not (user_env("MLFLOW_TRACKING_URI") or params.uri)
     uri = resolve_tracking_uri(params)
     point_mlflow_at(uri)
+    if is_server(uri):
+        check_server(uri)
     db = sqlite_path(uri)
     try:
         if db is not None:
@@ -142,3 +200,12 @@ def setup(params: TrackingParams) -> str:
                 return mlflow.get_experiment_by_name(params.experiment).experiment_id
     except (MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as e:
         raise _store_failure(uri, e) from e
+
+
+def logging_failure(uri: str, what: str, e: BaseException) -> TrackingError:
+    """One line for a write to the store that failed mid-stage (the server went away, say)."""
+    text = " ".join(str(e).split())
+    if login := _login_failure(uri, text):
+        return TrackingError(f"{what}: {login}")
+    first = text.split("[SQL:")[0].strip()[:300]
+    return TrackingError(f"MLflow store {uri} failed while {what} ({type(e).__name__}: {first})")
