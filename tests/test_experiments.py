@@ -585,17 +585,12 @@ def tiny_params() -> dict:
     return params
 
 
-@pytest.fixture(scope="module")
-def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> PipelineRepo:
-    """The project's pipeline in a fresh git repository, run once by the retrain command
-    (against a baseline commit without metrics) and committed with its results."""
-    if shutil.which("git") is None or not Path(DVC).exists():
-        pytest.skip("needs git and dvc")
-    tmp = tmp_path_factory.mktemp("experiments")
+def new_pipeline_repo(tmp: Path, params: dict) -> Path:
+    """The project's pipeline in a new git repository ``tmp/repo`` with ``params`` (nothing committed,
+    nothing run), and its tiny data at ``tmp/data-src/tiny.tar.gz`` (where tiny_params points)."""
     write_imagefolder(tmp / "images", per_class={"train": 12, "test": 4}, size=16)
     (tmp / "data-src").mkdir()
     make_tar(tmp / "images", tmp / "data-src" / "tiny.tar.gz")
-
     repo = tmp / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
@@ -603,8 +598,18 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> PipelineRepo:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=ignore)
     shutil.copytree(ROOT / "src", repo / "src", ignore=ignore)  # dvc.yaml names src/resnet/*.py as deps
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init_repo(repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> PipelineRepo:
+    """The project's pipeline in a fresh git repository, run once by the retrain command
+    (against a baseline commit without metrics) and committed with its results."""
+    if shutil.which("git") is None or not Path(DVC).exists():
+        pytest.skip("needs git and dvc")
+    repo = new_pipeline_repo(tmp_path_factory.mktemp("experiments"), tiny_params())
     baseline = commit_all(repo, "pipeline with tiny params, never run")
 
     retrain(repo, "--base", "HEAD", "--report", "reports/first.md")

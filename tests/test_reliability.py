@@ -27,9 +27,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from archives import make_tar, write_imagefolder
 from mlflow.tracking import MlflowClient
-from test_experiments import DVC, ROOT, commit_all, init_repo, sh, tiny_params, tool_env
+from test_experiments import DVC, ROOT, commit_all, new_pipeline_repo, sh, tiny_params, tool_env
 
 from resnet import paths
 from resnet.lock import exclusive_lock
@@ -60,21 +59,10 @@ def _rename_first_key(params_text: str, section: str) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None or not Path(DVC).exists(), reason="needs git and dvc")
 def test_a_params_typo_and_its_fix_rerun_nothing_that_had_finished(tmp_path: Path) -> None:
-    write_imagefolder(tmp_path / "images", per_class={"train": 12, "test": 4}, size=16)
-    (tmp_path / "data-src").mkdir()
-    make_tar(tmp_path / "images", tmp_path / "data-src" / "tiny.tar.gz")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    shutil.copytree(ROOT / "stages", repo / "stages", ignore=ignore)
-    shutil.copytree(ROOT / "src", repo / "src", ignore=ignore)
     params = tiny_params()
     params["train"]["epochs"] = 1
     good = yaml.safe_dump(params, sort_keys=False)
-    (repo / "params.yaml").write_text(good)
-    init_repo(repo)
+    repo = new_pipeline_repo(tmp_path, params)
     sh(repo, DVC, "repro", timeout=900)
     commit_all(repo, "results")
     # The training's lock file is neither DVC's nor git's business.
@@ -181,20 +169,9 @@ def test_killed_anywhere_then_rerun_ends_with_one_finished_run_one_version_and_n
     """SIGKILL (no clean-up at all) during training, right after it, and during registration; each time
     ``dvc repro`` again. The end: one MLflow run, FINISHED; one registered version; the training resumed
     where it was killed and, once finished, never trained again."""
-    write_imagefolder(tmp_path / "images", per_class={"train": 12, "test": 4}, size=16)
-    (tmp_path / "data-src").mkdir()
-    make_tar(tmp_path / "images", tmp_path / "data-src" / "tiny.tar.gz")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    shutil.copytree(ROOT / "stages", repo / "stages", ignore=ignore)
-    shutil.copytree(ROOT / "src", repo / "src", ignore=ignore)
     params = tiny_params()
     params["train"]["epochs"] = 40  # long enough to be killed in the middle
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    init_repo(repo)
+    repo = new_pipeline_repo(tmp_path, params)
     last, train_json = repo / paths.LAST_CHECKPOINT, repo / paths.TRAIN_METRICS
 
     # 1. During training, after at least one epoch was saved.

@@ -223,6 +223,21 @@ def _end_status(tags: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
+def _one_try() -> Iterator[None]:
+    """MLflow's HTTP client without retries and with a short timeout, for the block."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _stage_status(run_id: str, stage: str) -> Iterator[None]:
     """Record ``stage`` in the active run's tags while it runs, and end the run with the pipeline's status."""
     client = MlflowClient()
@@ -231,12 +246,14 @@ def _stage_status(run_id: str, stage: str) -> Iterator[None]:
         yield
     except BaseException as e:
         state = "killed" if isinstance(e, KeyboardInterrupt) else "failed"
-        with contextlib.suppress(Exception):  # the store itself may be what failed
-            client.set_tag(run_id, STAGE_TAG + stage, state)
-            client.set_tag(run_id, FAILED_STAGE, stage)
-            client.set_tag(run_id, FAILURE, f"{stage}: {_failure_text(e)}")
-        with contextlib.suppress(Exception):
-            mlflow.end_run(state.upper())
+        # The store itself may be what failed: one try each, not a minute of retries per write.
+        with _one_try():
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, STAGE_TAG + stage, state)
+                client.set_tag(run_id, FAILED_STAGE, stage)
+                client.set_tag(run_id, FAILURE, f"{stage}: {_failure_text(e)}")
+            with contextlib.suppress(Exception):
+                mlflow.end_run(state.upper())
         raise
     client.set_tag(run_id, STAGE_TAG + stage, "finished")
     tags = client.get_run(run_id).data.tags
