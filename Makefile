@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test lint bench retrain ui install clean-venv
+.PHONY: repro test lint bench retrain ui server server-user remote install clean-venv
 
 # The venv is rebuilt when the dependency list or the torch pin changes.
 $(STAMP): pyproject.toml constraints.txt
@@ -56,6 +56,35 @@ retrain: $(STAMP)
 UI_PORT ?= 5000
 ui: $(STAMP)
 	$(RUN) $(BIN)/python -m resnet.tracking.ui --port $(UI_PORT)
+
+# The team's tracking server (docs/team.md): mlflow server on a PostgreSQL of its own (needs
+# PostgreSQL's programs: apt-get install postgresql), basic auth, artifacts proxied; state in
+# team-server/. For the team: make server SERVER_ARGS="--host 0.0.0.0 --allowed-hosts mlflow.example.com"
+server: $(STAMP)
+	$(RUN) $(BIN)/python -m resnet.teamserver serve $(SERVER_ARGS)
+
+# A member's login on it: make server-user NAME=alice (asks for the password, 12 characters or more).
+server-user: $(STAMP)
+	@test -n "$(NAME)" || { echo "usage: make server-user NAME=<user> [SERVER_URL=http://host:5000]" >&2; exit 2; }
+	$(RUN) $(BIN)/python -m resnet.teamserver add-user $(NAME) $(if $(SERVER_URL),--url $(SERVER_URL))
+
+# The team's DVC remote (docs/team-remote.md), one command:
+#   make remote URL=s3://bucket/resnet | ssh://user@host/srv/resnet-dvc | /mnt/shared/resnet-dvc
+# Written to .dvc/config (commit it); LOCAL=1 writes the git-ignored .dvc/config.local
+# instead (what CI does). For s3://, ssh://, gs:// and azure:// it first installs DVC's
+# plugin for that storage into the venv (dvc[s3] etc., same DVC version). Credentials go to
+# .dvc/config.local (dvc remote modify --local team ...), never to .dvc/config.
+# Then: dvc push --run-cache sends data, models and run-cache; dvc pull fetches them.
+remote: $(STAMP)
+	@test -n "$(URL)" || { echo "usage: make remote URL=<s3://bucket/path | ssh://host/path | /shared/dir> [LOCAL=1]" >&2; exit 2; }
+	@case '$(URL)' in s3://*) extra=s3 ;; ssh://*) extra=ssh ;; gs://*) extra=gs ;; azure://*) extra=azure ;; *) extra= ;; esac; \
+	if [ -n "$$extra" ] && ! $(BIN)/python -c "import dvc_$$extra" 2>/dev/null; then \
+	  version=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('dvc'))") && \
+	  echo "installing dvc[$$extra]==$$version" && \
+	  $(BIN)/python -m pip install --quiet --progress-bar off -c constraints.txt "dvc[$$extra]==$$version"; \
+	fi
+	$(BIN)/dvc remote add $(if $(LOCAL),--local )--default --force team '$(URL)'
+	$(BIN)/dvc remote list
 
 clean-venv:
 	rm -rf $(VENV)

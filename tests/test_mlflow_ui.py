@@ -9,6 +9,7 @@ the README: RESNET_SCREENSHOT_DIR=docs/images pytest tests/test_mlflow_ui.py ren
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ from test_plots_page import _chromium
 from test_tracking import META, _checkpoint, _images
 
 from resnet import tracking
-from resnet.tracking.ui import compare_url, runs_url
+from resnet.tracking.ui import compare_url, curves_url, runs_url
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
@@ -41,7 +43,7 @@ def _free_port() -> int:
 def _text(dom: str) -> str:
     """The visible text of a dumped page: no scripts, no styles, no tags."""
     body = re.sub(r"<(script|style)\b.*?</\1>", " ", dom[dom.find("<body") :], flags=re.S)
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
 
 
 class UI:
@@ -81,7 +83,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
                     run.log_epoch(epoch, {"epoch": epoch, "train_loss": 2.0 / epoch, "val_accuracy": 0.2 * epoch + lr})
                 run.log_results({"best_val_accuracy": 0.6 + lr, "test_accuracy": 0.55 + lr})
             runs[run.run_id] = mlflow.get_run(run.run_id).info.run_name
-        model_id = _register({"train.lr": lr})
+            # Each run registers a version; the second is no better: champion v1, challenger v2.
+            model_id = _register({"train.lr": lr})
     finally:
         os.chdir(cwd)
         mlflow.set_tracking_uri(None)
@@ -142,6 +145,33 @@ def test_the_compare_view_shows_both_runs_and_the_param_that_differs(ui: UI, tmp
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("RESNET_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["RESNET_SCREENSHOT_DIR"]) / shot.name)
+
+
+def test_the_compare_view_shows_metric_names_and_values_and_each_runs_per_epoch_curve(ui: UI) -> None:
+    text = _text(_open(compare_url(ui.base, ui.experiment_id, list(ui.runs)), "--dump-dom"))
+    # The metrics table: the names, then each metric's value in both runs (best_val_accuracy 0.6 + lr,
+    # the per-epoch series' last values, then test_accuracy and test_loss as the evaluate stage logged them).
+    table = re.search(r"Metrics Show diff only (.*?) Artifacts", text)
+    assert table, text[:4000]
+    names = "best_val_accuracy epoch/train_loss epoch/val_accuracy test_accuracy test_loss"
+    assert table.group(1) == f"{names} 0.8 0.65 0.667 0.667 0.8 0.65 0.61 0.61 1.1 1.1", table.group(1)
+    # The compare view links each metric to its chart: the per-epoch curve of every run, step on the x axis.
+    chart = _open(curves_url(ui.base, ui.experiment_id, list(ui.runs), "epoch/val_accuracy"), "--dump-dom")
+    assert re.findall(r'<g class="trace scatter[^"]*"', chart), "no curve drawn"
+    chart_text = _text(chart)
+    assert "X-axis: Step" in chart_text, chart_text[:3000]
+    for name, (first, last) in zip(ui.runs.values(), ((0.4, 0.8), (0.25, 0.65))):
+        assert f"{name} (epoch/val_accuracy)" in chart_text, chart_text[:3000]  # its curve's legend
+        # its latest and lowest value, at the epochs they were logged at: the series, not one number
+        assert re.search(rf"{name} {last}\d* \(step=3\) {first} \(step=1\)", chart_text), chart_text[:3000]
+
+
+def test_the_registered_model_page_shows_its_versions_and_aliases(ui: UI) -> None:
+    text = _text(_open(f"{ui.base}/#/models/ui-test", "--dump-dom"))
+    assert "ui-test" in text and "Version 1" in text and "Version 2" in text, text[:4000]
+    # Each version's row: its number, registration time, tags (the gated figure first), then its alias.
+    assert re.search(r"Version 1 .{0,400}? test_accuracy : 0\.61 .{0,400}? @ champion", text), text[:4000]
+    assert re.search(r"Version 2 .{0,400}? test_accuracy : 0\.61 .{0,400}? @ challenger", text), text[:4000]
 
 
 def test_the_logged_model_page_names_the_dataset_its_figures_were_measured_on(ui: UI) -> None:

@@ -160,10 +160,10 @@ def test_requests_without_a_valid_login_are_refused_and_the_runs_live_in_postgre
 
     password = json.loads((server.folder / "secrets.json").read_text())["postgres_password"]
     pg = teamserver.Postgres(server.folder / "postgres", server.pg_port, password)
-    with psycopg.connect(pg.uri("mlflow_auth")) as conn:
+    with psycopg.connect(teamserver.libpq_uri(pg.uri("mlflow_auth"))) as conn:
         users = {row[0] for row in conn.execute("SELECT username FROM users")}
     assert {"admin", USER} <= users
-    with psycopg.connect(pg.uri("mlflow")) as conn:
+    with psycopg.connect(teamserver.libpq_uri(pg.uri("mlflow"))) as conn:
         tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"experiments", "runs", "metrics", "registered_models"} <= tables
 
@@ -292,7 +292,7 @@ def test_the_main_job_against_the_server_registers_a_champion_other_processes_lo
     assert champion.version == "1" and champion.run_id == run_id
 
     # Another process, in another folder, with the URL and the login only: the champion over HTTP.
-    from resnet.data.split import load_split
+    from resnet.data.store import load_split
 
     images, labels = load_split(repo / paths.PREPARED, "test")
     np.save(tmp_path / "images.npy", images)

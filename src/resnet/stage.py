@@ -40,6 +40,8 @@ def run_stage(run: Callable[[Params], None], params_path: str | Path = "params.y
     # apart, 30 s each at most) instead of MLflow's minutes of retries; the checkpoints stay.
     for name, value in (("MAX_RETRIES", "3"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "30")):
         os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{name}", value)
+    # The system metrics monitor's start/stop notices (and "Skip logging GPU metrics" on a CPU) are noise.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     start = time.perf_counter()
     # SIGTERM (kill, a CI runner's timeout, a container stopping) ends the stage as Ctrl-C
     # does: the MLflow run is closed KILLED and atomic writes clean up, instead of dying

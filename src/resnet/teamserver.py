@@ -87,7 +87,8 @@ class Postgres:
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
     def uri(self, database: str) -> str:
-        return f"postgresql://{DB_USER}:{urllib.parse.quote(self.password, safe='')}@127.0.0.1:{self.port}/{database}"
+        password = urllib.parse.quote(self.password, safe="")
+        return f"postgresql+psycopg://{DB_USER}:{password}@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         out = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=120)
@@ -158,7 +159,8 @@ def create_database(admin_uri: str, name: str) -> None:
     import psycopg  # the server's dependency only: clients speak HTTP
 
     try:
-        conn = psycopg.connect(admin_uri, connect_timeout=10, autocommit=True)  # CREATE DATABASE: no transaction
+        # CREATE DATABASE runs outside a transaction; libpq knows postgresql:// without SQLAlchemy's "+psycopg".
+        conn = psycopg.connect(libpq_uri(admin_uri), connect_timeout=10, autocommit=True)
     except psycopg.Error as e:
         raise ServerError(f"cannot connect to PostgreSQL at {_redact(admin_uri)}: {str(e).strip()}") from e
     try:
@@ -169,6 +171,17 @@ def create_database(admin_uri: str, name: str) -> None:
         raise ServerError(f"cannot create database {name} at {_redact(admin_uri)}: {str(e).strip()}") from e
     finally:
         conn.close()
+
+
+def sqlalchemy_uri(uri: str) -> str:
+    """``postgresql+psycopg://``: SQLAlchemy with psycopg 3 (installed), whatever its default driver."""
+    scheme, rest = uri.split("://", 1)
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else uri
+
+
+def libpq_uri(uri: str) -> str:
+    scheme, rest = uri.split("://", 1)
+    return f"postgresql://{rest}" if scheme.startswith("postgresql+") else uri
 
 
 def _redact(uri: str) -> str:
@@ -260,7 +273,7 @@ def serve(args: argparse.Namespace) -> int:
     with _terminated_on_signal(), contextlib.ExitStack() as stack:
         try:
             if args.database_uri:
-                backend = args.database_uri
+                backend = sqlalchemy_uri(args.database_uri)
                 auth = _with_database(backend, AUTH_DB)
                 create_database(backend, AUTH_DB)
             else:

@@ -25,7 +25,7 @@ from resnet.config import load_params
 from resnet.tracking.store import point_mlflow_at, resolve_tracking_uri, sqlite_path
 from resnet.utils import PipelineError, setup_logging
 
-__all__ = ["runs_url", "compare_url", "main"]
+__all__ = ["runs_url", "compare_url", "curves_url", "main"]
 
 
 def runs_url(base: str, experiment_id: str) -> str:
@@ -42,6 +42,29 @@ def compare_url(base: str, experiment_id: str, run_ids: Sequence[str]) -> str:
     return f"{base.rstrip('/')}/#/compare-runs?{query}"
 
 
+def curves_url(base: str, experiment_id: str, run_ids: Sequence[str], metric: str) -> str:
+    """The UI's chart of ``metric`` over the steps (epochs) of every run in ``run_ids``.
+
+    What a metric's name links to in the compare view; the query is the one the UI itself
+    builds (its ``getMetricPageRoute``): a bare ``#/metric`` URL is refused as invalid.
+    """
+    compact = {"separators": (",", ":")}
+    query = {
+        "runs": json.dumps(list(run_ids), **compact),
+        "metric": json.dumps(metric),
+        "experiments": json.dumps([experiment_id], **compact),
+        "plot_metric_keys": json.dumps([metric], **compact),
+        "plot_layout": "{}",
+        "x_axis": "step",
+        "y_axis_scale": "linear",
+        "line_smoothness": "1",
+        "show_point": "false",
+        "deselected_curves": "[]",
+        "last_linear_y_axis_range": "[]",
+    }
+    return f"{base.rstrip('/')}/#/metric?{urllib.parse.urlencode(query)}"
+
+
 def _links(base: str, experiment: str) -> list[str]:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
@@ -49,7 +72,11 @@ def _links(base: str, experiment: str) -> list[str]:
     latest = mlflow.search_runs([exp.experiment_id], max_results=2, order_by=["attributes.start_time DESC"])
     links = [f"training runs: {runs_url(base, exp.experiment_id)}"]
     if len(latest) == 2:
-        links.append(f"latest two compared: {compare_url(base, exp.experiment_id, list(latest['run_id']))}")
+        ids = list(latest["run_id"])
+        links.append(f"latest two compared: {compare_url(base, exp.experiment_id, ids)}")
+        links.append(
+            f"their validation accuracy per epoch: {curves_url(base, exp.experiment_id, ids, 'epoch/val_accuracy')}"
+        )
     return links
 
 
