@@ -169,6 +169,19 @@ def test_pyfunc_model_runs_on_the_gpu_by_default_and_agrees_with_the_cpu(tmp_pat
     )
 
 
+def test_system_metrics_include_the_gpus_utilisation_and_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from test_tracking import system_metrics_of_a_training
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    metrics = system_metrics_of_a_training(True)
+    assert {"system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes"} <= set(metrics), metrics
+
+
 def test_the_train_stage_runs_on_nccl_under_torchrun(tmp_path: Path) -> None:
     """The NCCL path: torchrun with one process per GPU (all GPUs, at most 2), SyncBatchNorm on.
 

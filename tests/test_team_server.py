@@ -166,6 +166,10 @@ def test_requests_without_a_valid_login_are_refused_and_the_runs_live_in_postgre
     with psycopg.connect(teamserver.libpq_uri(pg.uri("mlflow"))) as conn:
         tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"experiments", "runs", "metrics", "registered_models"} <= tables
+    # The database's password is in no process's command line (which every user of the machine can read).
+    cmdlines = [c.read_bytes() for c in Path("/proc").glob("[0-9]*/cmdline") if c.exists()]
+    assert any(b"mlflow" in c and b"server" in c for c in cmdlines)
+    assert not any(password.encode() in c for c in cmdlines)
 
 
 def test_a_user_with_a_short_password_or_no_admin_login_is_not_created(server: Server) -> None:
@@ -185,7 +189,7 @@ def test_the_launcher_refuses_a_database_it_cannot_reach_in_one_line(tmp_path: P
     )
     assert out.returncode == 1, out.stderr
     assert "cannot connect to PostgreSQL at postgresql://mlflow:***@127.0.0.1" in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr and ":pw@" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and ":pw@" not in out.stderr, out.stderr
 
 
 # --------------------------------------------------------------------------- failures
@@ -379,7 +383,7 @@ def test_the_server_lost_mid_training_keeps_the_checkpoints_and_a_rerun_resumes_
     port = int(server.url.rsplit(":", 1)[1])
     proxy = Proxy(("127.0.0.1", port))
     url = f"http://127.0.0.1:{proxy.port}"
-    epochs = 40  # long enough to lose the server in the middle
+    epochs = 15  # long enough to lose the server in the middle
     repo = new_pipeline_repo(tmp_path, _server_params(url, epochs=epochs, lr=0.1))
     commit_all(repo, "pipeline logging through a relay")
     env = server.client_env()

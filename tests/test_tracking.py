@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -83,6 +84,22 @@ def test_store_resolves_to_the_real_repo_from_dvc_temp_copies(repo: Path, monkey
     assert tracking.resolve_tracking_uri(repo_params().tracking) == f"sqlite:///{repo.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.resolve_tracking_uri(repo_params().tracking) == "http://127.0.0.1:5000"
+
+
+def system_metrics_of_a_training(on: bool, seconds: float = 3.5) -> dict[str, float]:
+    """The system/* metrics of a run held open ``seconds`` as the train stage holds it, sampled every second."""
+    params = repo_params({"tracking.system_metrics": on, "tracking.system_metrics_interval": 1})
+    with tracking.start_run(params, META, "cpu", "models/run.json") as run:
+        time.sleep(seconds)
+    metrics = MlflowClient().get_run(run.run_id).data.metrics
+    return {k: v for k, v in metrics.items() if k.startswith("system/")}
+
+
+def test_system_metrics_are_logged_while_training_and_switched_off_by_the_param(repo: Path) -> None:
+    on = system_metrics_of_a_training(True)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(on), sorted(on)
+    assert 0 <= on["system/cpu_utilization_percentage"] <= 100 and on["system/system_memory_usage_megabytes"] > 0
+    assert system_metrics_of_a_training(False, seconds=1.5) == {}
 
 
 def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,6 +51,7 @@ ADMIN = "admin"
 # (MANAGE) or the admin deletes. MLflow's own default, READ, would refuse a second
 # member's runs in the experiment the first one created.
 DEFAULT_PERMISSION = "EDIT"
+AUTH_CACHE_SECONDS = 60
 
 
 class ServerError(PipelineError):
@@ -158,17 +159,18 @@ def create_database(admin_uri: str, name: str) -> None:
     """``CREATE DATABASE name`` unless it exists, through a connection to ``admin_uri``."""
     import psycopg  # the server's dependency only: clients speak HTTP
 
+    where = _redact(libpq_uri(admin_uri))
     try:
         # CREATE DATABASE runs outside a transaction; libpq knows postgresql:// without SQLAlchemy's "+psycopg".
         conn = psycopg.connect(libpq_uri(admin_uri), connect_timeout=10, autocommit=True)
     except psycopg.Error as e:
-        raise ServerError(f"cannot connect to PostgreSQL at {_redact(admin_uri)}: {str(e).strip()}") from e
+        raise ServerError(f"cannot connect to PostgreSQL at {where}: {_one_line(e)}") from e
     try:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
             conn.execute(f'CREATE DATABASE "{name}"')
             log.info("created database %s", name)
     except psycopg.Error as e:
-        raise ServerError(f"cannot create database {name} at {_redact(admin_uri)}: {str(e).strip()}") from e
+        raise ServerError(f"cannot create database {name} at {where}: {_one_line(e)}") from e
     finally:
         conn.close()
 
@@ -182,6 +184,10 @@ def sqlalchemy_uri(uri: str) -> str:
 def libpq_uri(uri: str) -> str:
     scheme, rest = uri.split("://", 1)
     return f"postgresql://{rest}" if scheme.startswith("postgresql+") else uri
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _redact(uri: str) -> str:
@@ -207,14 +213,20 @@ def auth_ini(database_uri: str) -> str:
         f"default_permission = {DEFAULT_PERMISSION}\n"
         f"database_uri = {database_uri.replace('%', '%%')}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Checking a password (PBKDF2) takes 0.3-0.6 s of a 2-core server's CPU, on every request: a
+        # training logs several per epoch. Cached per worker for a minute: a changed password or a
+        # removed user may still pass on another worker for that long (MLflow's basic_auth.ini).
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n"
     )
 
 
-def mlflow_server_command(
-    backend_uri: str, artifacts: str, host: str, port: int, allowed_hosts: str | None = None
-) -> list[str]:
-    """``mlflow server`` on ``backend_uri`` with artifacts proxied to ``artifacts`` and basic auth on."""
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri]
+def mlflow_server_command(artifacts: str, host: str, port: int, allowed_hosts: str | None = None) -> list[str]:
+    """``mlflow server`` with artifacts proxied to ``artifacts`` and basic auth on.
+
+    The store's URI (its password inside) goes in MLFLOW_BACKEND_STORE_URI, not on the command
+    line, where every user of the machine could read it (ps).
+    """
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server"]
     cmd += ["--serve-artifacts", "--artifacts-destination", artifacts, "--app-name", "basic-auth"]
     cmd += ["--host", host, "--port", str(port)]
     if allowed_hosts:  # MLflow 3 refuses Host headers other than localhost's unless listed
@@ -292,8 +304,9 @@ def serve(args: argparse.Namespace) -> int:
                 "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
                 "MLFLOW_AUTH_ADMIN_PASSWORD": keys["admin_password"],
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["flask_secret_key"],
+                "MLFLOW_BACKEND_STORE_URI": backend,
             }
-            cmd = mlflow_server_command(backend, artifacts, args.host, args.port, args.allowed_hosts)
+            cmd = mlflow_server_command(artifacts, args.host, args.port, args.allowed_hosts)
             proc = subprocess.Popen(cmd, env=env, start_new_session=True)
             stack.callback(_stop_process, proc)
             url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
