@@ -167,7 +167,10 @@ def test_requests_without_a_valid_login_are_refused_and_the_runs_live_in_postgre
         tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"experiments", "runs", "metrics", "registered_models"} <= tables
     # The database's password is in no process's command line (which every user of the machine can read).
-    cmdlines = [c.read_bytes() for c in Path("/proc").glob("[0-9]*/cmdline") if c.exists()]
+    cmdlines = []
+    for c in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            cmdlines.append(c.read_bytes())
     assert any(b"mlflow" in c and b"server" in c for c in cmdlines)
     assert not any(password.encode() in c for c in cmdlines)
 
