@@ -265,16 +265,21 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -
 
 @contextlib.contextmanager
 def _terminated_on_signal() -> Iterator[None]:
-    """SIGTERM ends the server as Ctrl-C does, so PostgreSQL is stopped either way."""
+    """SIGTERM and SIGINT end the server, so PostgreSQL is stopped either way.
+
+    SIGINT too: a shell starts a background job (``make server &``) with SIGINT ignored, and
+    Python then raises no KeyboardInterrupt for it.
+    """
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def serve(args: argparse.Namespace) -> int:
