@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +43,8 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+
+from resnet.teamserver import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = REPO / "deploy" / "compose"
@@ -742,10 +743,5 @@ def test_the_compose_setup_runs_against_a_real_postgres(tmp_path: Path, monkeypa
             stored = list((tmp_path / "artifacts").rglob("note.txt"))
             assert [p.read_text() for p in stored] == ["hello"]
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            stop_process(server)
             log.close()

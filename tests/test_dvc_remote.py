@@ -38,6 +38,7 @@ from test_experiments import (
     commit_all,
     load_workflow,
     new_pipeline_repo,
+    sh,
     tiny_params,
     tool_env,
 )
@@ -60,10 +61,7 @@ def env() -> dict[str, str]:
 
 
 def run(cwd: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
-    return r
+    return sh(cwd, *cmd, check=check, timeout=timeout, env=env())
 
 
 def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

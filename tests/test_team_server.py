@@ -305,28 +305,19 @@ def test_the_main_job_against_the_server_registers_a_champion_other_processes_lo
     np.save(tmp_path / "images.npy", images)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, f"models:/{MODEL_NAME}@champion", str(tmp_path / "images.npy")],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    predicted = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def elsewhere_run(*args: str) -> str:
+        out = subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    champion_uri = f"models:/{MODEL_NAME}@champion"
+    out = elsewhere_run("-c", LOAD_AND_PREDICT, champion_uri, str(tmp_path / "images.npy"))
+    predicted = np.array(json.loads(out.strip().splitlines()[-1]))
     assert (predicted == labels).mean() == pytest.approx(test_json["test_accuracy"], abs=1e-6)
     # resnet.predict, as a user runs it, through the same server.
-    cli = subprocess.run(
-        [sys.executable, "-m", "resnet.predict", "--model", f"models:/{MODEL_NAME}@champion", str(tmp_path / "images")],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    assert len(cli.stdout.strip().splitlines()) == 1 + 3 * 16  # header + every image of the tiny archive
+    csv = elsewhere_run("-m", "resnet.predict", "--model", champion_uri, str(tmp_path / "images"))
+    assert len(csv.strip().splitlines()) == 1 + 3 * 16  # header + every image of the tiny archive
 
 
 class Proxy:

@@ -40,7 +40,16 @@ from pathlib import Path
 
 from resnet.utils import PipelineError, setup_logging
 
-__all__ = ["ServerError", "Postgres", "find_pg_bin", "auth_ini", "mlflow_server_command", "create_user", "main"]
+__all__ = [
+    "ServerError",
+    "Postgres",
+    "find_pg_bin",
+    "auth_ini",
+    "mlflow_server_command",
+    "create_user",
+    "stop_process",
+    "main",
+]
 
 log = logging.getLogger("resnet.teamserver")
 
@@ -313,7 +322,7 @@ def serve(args: argparse.Namespace) -> int:
             }
             cmd = mlflow_server_command(artifacts, args.host, args.port, args.allowed_hosts)
             proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-            stack.callback(_stop_process, proc)
+            stack.callback(stop_process, proc)
             url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
             wait_until_healthy(url, proc)
             log.info("MLflow team server ready at %s (store %s, artifacts %s)", url, _redact(backend), artifacts)
@@ -330,7 +339,8 @@ def serve(args: argparse.Namespace) -> int:
             return 1
 
 
-def _stop_process(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group ``proc`` leads (started with start_new_session), SIGKILL after 30 s."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
