@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -38,17 +39,21 @@ import pytest
 from mlflow.tracking import MlflowClient
 from paramsets import repo_params
 from test_concurrency import MODEL, WORKERS, _at_once
-from test_experiments import DVC, MODEL_NAME, commit_all, new_pipeline_repo, tiny_params, tool_env
+from test_experiments import (
+    DVC,
+    MODEL_NAME,
+    _wait_for_queue,
+    commit_all,
+    new_pipeline_repo,
+    sh,
+    tiny_params,
+    tool_env,
+)
+from test_mlflow_ui import _free_port
 
 from resnet import paths, teamserver
 
 USER, PASSWORD = "alice", "alice-password-1"  # MLflow asks for 12 characters at least
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_missing() -> str | None:
@@ -56,19 +61,9 @@ def _postgres_missing() -> str | None:
         teamserver.find_pg_bin()
     except teamserver.ServerError as e:
         return str(e)
-    if os.geteuid() == 0 and (shutil.which("runuser") is None or _no_user("postgres")):
+    if os.geteuid() == 0 and (shutil.which("runuser") is None or "postgres" not in {u.pw_name for u in pwd.getpwall()}):
         return "as root PostgreSQL runs as the postgres user (Debian's package creates it): not found"
     return None
-
-
-def _no_user(name: str) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return True
-    return False
 
 
 @dataclass
@@ -257,10 +252,7 @@ def _server_params(url: str, **train: object) -> dict:
 
 
 def _dvc(repo: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([DVC, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert out.returncode == 0, f"dvc {' '.join(args)}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out
+    return sh(repo, DVC, *args, check=check, timeout=900, env=env)
 
 
 LOAD_AND_PREDICT = r"""
@@ -377,7 +369,7 @@ def test_the_server_lost_mid_training_keeps_the_checkpoints_and_a_rerun_resumes_
     port = int(server.url.rsplit(":", 1)[1])
     proxy = Proxy(("127.0.0.1", port))
     url = f"http://127.0.0.1:{proxy.port}"
-    epochs = 15  # long enough to lose the server in the middle
+    epochs = 40  # long enough to lose the server in the middle, however late the output shows epoch 3
     repo = new_pipeline_repo(tmp_path, _server_params(url, epochs=epochs, lr=0.1))
     commit_all(repo, "pipeline logging through a relay")
     env = server.client_env()
@@ -431,15 +423,13 @@ def test_four_registrations_at_once_on_the_server_keep_every_version_and_the_bes
     from resnet import tracking
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    client = server.client(monkeypatch)  # the login, for this process and the workers it starts
     subprocess.run(["git", "init", "-q"], check=True)
     params = repo_params({"tracking.uri": server.url, "tracking.experiment": "race", "tracking.system_metrics": False})
     _checkpoint(Path("models/best.pt"))
     with tracking.start_run(params, META, "cpu", "models/run.json") as run:
         model_uri = tracking.log_model(run, "models/best.pt", np.zeros((2, 16, 16, 3), dtype=np.uint8))
     logged = {"uri": server.url, "run_id": run.run_id, "model_uri": model_uri}
-    client = MlflowClient(server.url, server.url)
     rng = np.random.default_rng(1)
     values = rng.permutation(np.linspace(0.30, 0.95, WORKERS).round(4))
     answers = _at_once(tmp_path, [{**logged, "action": "register", "model": MODEL, "acc": float(v)} for v in values])
@@ -451,7 +441,9 @@ def test_four_registrations_at_once_on_the_server_keep_every_version_and_the_bes
 
 
 @pytest.mark.slow
-def test_a_queue_of_two_experiments_runs_at_once_against_the_server(server: Server, tmp_path: Path) -> None:
+def test_a_queue_of_two_experiments_runs_at_once_against_the_server(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params = _server_params(server.url, epochs=2)
     params["register"]["model_name"] = "team-queue"
     repo = new_pipeline_repo(tmp_path, params)
@@ -462,14 +454,7 @@ def test_a_queue_of_two_experiments_runs_at_once_against_the_server(server: Serv
         _dvc(repo, env, "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}")
     try:
         _dvc(repo, env, "queue", "start", "-j", "2")
-        deadline = time.monotonic() + 900
-        status = ""
-        while not all(
-            any(n in ln and ("Success" in ln or "Failed" in ln) for ln in status.splitlines()) for n in sweep
-        ):
-            assert time.monotonic() < deadline, status
-            time.sleep(3)
-            status = _dvc(repo, env, "queue", "status").stdout
+        status = _wait_for_queue(repo, sweep, timeout=900)
     finally:
         _dvc(repo, env, "queue", "stop", check=False)
     for name in sweep:
@@ -478,16 +463,12 @@ def test_a_queue_of_two_experiments_runs_at_once_against_the_server(server: Serv
         )
         logs = _dvc(repo, env, "queue", "logs", name).stdout
         assert "locked" not in logs and "Traceback" not in logs, logs[-3000:]
-    client = MlflowClient(server.url, server.url)
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = USER, PASSWORD
-    try:
-        exp = client.get_experiment_by_name("resnet-pipeline")
-        runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-        for name, lr in sweep.items():
-            assert runs[name].info.status == "FINISHED" and runs[name].data.params["train.lr"] == lr
-            steps = [m.step for m in client.get_metric_history(runs[name].info.run_id, "epoch/val_accuracy")]
-            assert sorted(steps) == list(range(1, 3))
-        registered = {v.run_id for v in client.search_model_versions("name='team-queue'")}
-        assert {runs[n].info.run_id for n in sweep} <= registered
-    finally:
-        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    client = server.client(monkeypatch)
+    exp = client.get_experiment_by_name("resnet-pipeline")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    for name, lr in sweep.items():
+        assert runs[name].info.status == "FINISHED" and runs[name].data.params["train.lr"] == lr
+        steps = [m.step for m in client.get_metric_history(runs[name].info.run_id, "epoch/val_accuracy")]
+        assert sorted(steps) == list(range(1, 3))
+    registered = {v.run_id for v in client.search_model_versions("name='team-queue'")}
+    assert {runs[n].info.run_id for n in sweep} <= registered
