@@ -13,7 +13,7 @@ CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 
 
 def test_list_models_names_every_architecture() -> None:
-    assert list_models() == FOUR_STAGE + CIFAR
+    assert list_models() == FOUR_STAGE + CIFAR + ["resnet9"]
 
 
 @pytest.mark.parametrize("name", FOUR_STAGE)

@@ -158,5 +158,6 @@ def freeze_batchnorm_if_frozen(model: nn.Module) -> None:
     'train only the head' would quietly change the backbone. Call after model.train().
     """
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d) and m.weight is not None and not m.weight.requires_grad:
+        # All parameters, not only the weight: resnet9's BatchNorms fix their weight and train their bias.
+        if isinstance(m, nn.BatchNorm2d) and m.affine and not any(p.requires_grad for p in m.parameters()):
             m.eval()

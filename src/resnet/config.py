@@ -116,7 +116,8 @@ class AugmentParams:
     """`train.augment`: batch augmentation done on the training device."""
 
     crop_padding: int = _opt(ge=0, le=64)
-    flip: bool = _opt()
+    # true: flip each image with probability 1/2; alternate: each image every other epoch (airbench).
+    flip: bool | str = _opt(choices=(True, False, "alternate"))
     # Side of the square cutout (DeVries & Taylor 2017); 0 disables it.
     cutout: int = _opt(ge=0, le=256)
 
@@ -134,6 +135,8 @@ class TrainParams:
     weight_decay: float = _opt(ge=0.0)
     # Exclude BatchNorm weights and biases from weight decay.
     no_decay_norm_bias: bool = _opt()
+    # Learning rate of 1-d parameters (BatchNorm weights and biases, biases) = lr x this.
+    norm_bias_lr_scale: float = _opt(gt=0.0, le=1000.0)
     schedule: str = _opt(choices=("cosine", "onecycle", "multistep", "constant"))
     # multistep: epochs at which the learning rate is multiplied by gamma.
     milestones: list[int] = _opt(help="epochs, for schedule=multistep")

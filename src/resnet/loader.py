@@ -4,7 +4,8 @@ The tutorials' way (a Dataset, PIL transforms per image, a DataLoader with worke
 processes) spends most of its time in Python, one image at a time. Here, as in
 airbench, the split lives on the device as a single uint8 tensor and every step
 augments a whole batch with a handful of tensor operations: random crop with zero
-padding, horizontal flip, optional cutout, then normalisation.
+padding, horizontal flip (random, or alternating by epoch), optional cutout, then
+normalisation.
 
 Randomness comes from a CPU generator seeded from ``(seed, epoch)``, so an epoch's
 order and augmentations are the same whatever the device and whether or not the run
@@ -49,7 +50,7 @@ class _Draws:
         if augment.crop_padding > 0:
             span = 2 * augment.crop_padding + 1
             d.oy, d.ox = torch.randint(0, span, (n,), generator=gen), torch.randint(0, span, (n,), generator=gen)
-        if augment.flip:
+        if augment.flip is True:  # "alternate" flips are not drawn: DeviceLoader sets them
             d.flip = torch.rand(n, generator=gen) < 0.5
         if augment.cutout > 0:
             d.cy, d.cx = torch.randint(0, size[0], (n,), generator=gen), torch.randint(0, size[1], (n,), generator=gen)
@@ -155,6 +156,7 @@ class DeviceLoader:
         self.epoch = 0
         self.channels_last = channels_last
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        self._flip_base: Tensor | None = None  # augment.flip "alternate": which half flips in even epochs
 
     @property
     def global_batch(self) -> int:
@@ -198,12 +200,28 @@ class DeviceLoader:
         for step in range(self.steps):
             batch = order[step * g : (step + 1) * g]
             draws = _Draws.draw(len(batch), size, self.augment, gen) if self.augment is not None else None
+            if draws is not None and self.augment.flip == "alternate":
+                draws.flip = self._alternate_flips(batch)
             for micro in range(self.accumulation):
                 lo = (micro * self.world_size + self.rank) * b
                 hi = min(lo + b, len(batch))
                 idx = batch[lo:hi]
                 part = draws.part(lo, hi, self.device) if draws is not None else None
                 yield self._finish(self.images.index_select(0, idx).float(), part), self.labels[idx]
+
+    def _alternate_flips(self, batch: Tensor) -> Tensor:
+        """Flips that alternate by epoch: each image is flipped in every other epoch (airbench).
+
+        A random half of the images is flipped in even epochs, the other half in odd
+        ones, so any two consecutive epochs show every image both ways: random flips
+        would show about a quarter of them the same way twice. The half is drawn once
+        per run, from train.seed alone.
+        """
+        if self._flip_base is None:
+            gen = torch.Generator()
+            gen.manual_seed(self.seed * 1_000_003 - 1)  # not an epoch's seed (those are seed * 1_000_003 + epoch)
+            self._flip_base = torch.rand(len(self.labels), generator=gen) < 0.5
+        return self._flip_base[batch.cpu()] ^ bool(self.epoch % 2)
 
     def _finish(self, x: Tensor, draws: _Draws | None) -> Tensor:
         """Augment (crop, flip), normalise, cut out and lay out one float batch."""

@@ -11,6 +11,9 @@ Two families share the same code:
   shapes, so torchvision checkpoints load with ``strict=True``.
 * three stages, widths 16-32-64, 6n+2 layers (resnet20/32/44/56/110, section 4.2),
   always with a 3x3 stride-1 stem for 32x32 images.
+
+A third, ``resnet9`` (Myrtle's ResNet-9 layout with airbench's patch-whitening stem,
+built for fast training), lives in :mod:`resnet.fastnet` and is built here by name too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from resnet.fastnet import RESNET9_WIDTHS, ResNet9
 
 __all__ = [
     "conv3x3",
@@ -39,7 +44,9 @@ __all__ = [
     "count_parameters",
 ]
 
-STEMS = ("imagenet", "cifar")
+STEMS = ("imagenet", "cifar", "whiten")
+#: The stems each family accepts; the first is its default.
+_FAMILY_STEMS = {"imagenet": ("imagenet", "cifar"), "cifar": ("cifar",), "resnet9": ("whiten", "cifar")}
 SHORTCUTS = ("A", "B")
 
 
@@ -255,10 +262,10 @@ class ResNet(nn.Module):
 class ArchSpec:
     """What distinguishes one named architecture from another."""
 
-    block: Block
+    block: Block | None  # None: the family's own layout (resnet9)
     layers: tuple[int, ...]
     widths: tuple[int, ...]
-    family: str  # "imagenet" (four stages, stem option) or "cifar" (three stages, 3x3 stem)
+    family: str  # "imagenet" (four stages, stem option), "cifar" (three stages, 3x3 stem) or "resnet9"
 
 
 _IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -281,6 +288,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "resnet44": _cifar(7),
     "resnet56": _cifar(9),
     "resnet110": _cifar(18),
+    "resnet9": ArchSpec(None, (1, 0, 1), RESNET9_WIDTHS, "resnet9"),
 }
 
 #: The options build_model accepts besides name, num_classes and in_channels.
@@ -298,7 +306,7 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> ResNet:
+def build_model(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> ResNet | ResNet9:
     """Build a ResNet by name.
 
     Args:
@@ -307,9 +315,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
         in_channels: 3 for RGB, 1 for grayscale.
         **options: any of ``MODEL_OPTIONS``:
 
-        stem: four-stage family only: "imagenet" (default) or "cifar" for 32x32 images.
-            The CIFAR family always uses its 3x3 stem ("cifar").
-        shortcut: "B" (projection, default) or "A" (zero-padding identity, the paper's CIFAR choice).
+        stem: four-stage family: "imagenet" (default) or "cifar" for 32x32 images.
+            The CIFAR family always uses its 3x3 stem ("cifar"). resnet9: "whiten"
+            (default, set from the data by :func:`resnet.fastnet.init_whitening`) or "cifar".
+        shortcut: "B" (projection, default) or "A" (zero-padding identity, the paper's CIFAR choice);
+            resnet9's shortcuts are identities whatever this says.
         width_multiplier: scales every stage's width (1.0 = published widths).
         zero_init_residual: zero the last BatchNorm of each residual branch.
 
@@ -327,10 +337,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
     width_multiplier = options.get("width_multiplier", 1.0)
     zero_init_residual = options.get("zero_init_residual", False)
 
-    if spec.family == "cifar":
-        stem = _choice("stem", stem or "cifar", ("cifar",))
-    else:
-        stem = _choice("stem", stem or "imagenet", STEMS)
+    allowed_stems = _FAMILY_STEMS[spec.family]
+    stem = _choice("stem", stem or allowed_stems[0], allowed_stems)
     _choice("shortcut", shortcut, SHORTCUTS)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
@@ -340,6 +348,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
         raise ValueError(f"width_multiplier={width_multiplier!r} must be a number in (0, 16]")
 
     widths = [max(1, round(w * width_multiplier)) for w in spec.widths]
+    if spec.family == "resnet9":
+        if zero_init_residual:
+            raise ValueError("zero_init_residual=True does not apply to resnet9 (its BatchNorm scales are fixed at 1)")
+        return ResNet9((widths[0], widths[1], widths[2]), num_classes, in_channels, stem)
     return ResNet(
         spec.block,
         list(spec.layers),

@@ -20,16 +20,26 @@ __all__ = ["build_optimizer", "lr_factor", "build_scheduler"]
 
 
 def _param_groups(model: nn.Module, tp: TrainParams) -> list[dict]:
-    """The trainable parameters, split so that 1-d ones skip weight decay when no_decay_norm_bias asks."""
+    """The trainable parameters in two groups: weights (ndim > 1) and 1-d ones (norm weights and biases).
+
+    The 1-d group skips weight decay when no_decay_norm_bias asks, and its learning
+    rate is train.lr x norm_bias_lr_scale. Groups carry their own "lr", which the
+    schedules scale (LambdaLR) or take as their peak (OneCycleLR).
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         # Unreachable from params.yaml (the classifier always trains); a hand-frozen model gets here.
         raise ConfigError("the model has no trainable parameters; check model.freeze_backbone")
-    if not (tp.no_decay_norm_bias and tp.weight_decay > 0):
-        return [{"params": trainable, "weight_decay": tp.weight_decay}]
+    if not (tp.no_decay_norm_bias and tp.weight_decay > 0) and tp.norm_bias_lr_scale == 1:
+        return [{"params": trainable, "weight_decay": tp.weight_decay, "lr": tp.lr}]
+    one_d_decay = 0.0 if tp.no_decay_norm_bias else tp.weight_decay
     groups = [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": tp.weight_decay},
-        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": tp.weight_decay, "lr": tp.lr},
+        {
+            "params": [p for p in trainable if p.ndim <= 1],
+            "weight_decay": one_d_decay,
+            "lr": tp.lr * tp.norm_bias_lr_scale,
+        },
     ]
     return [g for g in groups if g["params"]]
 
@@ -39,7 +49,10 @@ def build_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
 
     With ``no_decay_norm_bias``, 1-d parameters (BatchNorm weights and biases, the
     classifier bias) get no weight decay: shrinking them towards zero does not
-    regularise anything and only fights the normalisation.
+    regularise anything and only fights the normalisation. ``norm_bias_lr_scale``
+    raises their learning rate: a BatchNorm bias is one number per channel shifting
+    the whole activation map, and with few steps it lags behind the weights unless
+    it moves faster (airbench trains them at a much higher rate than the weights).
     """
     groups = _param_groups(model, tp)
     if tp.optimizer == "sgd":
@@ -83,7 +96,7 @@ def build_scheduler(
         pct_start = tp.warmup_epochs / tp.epochs if tp.warmup_epochs > 0 else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=tp.lr,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
             total_steps=tp.epochs * steps_per_epoch,
             pct_start=pct_start,
             cycle_momentum=False,

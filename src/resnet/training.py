@@ -47,6 +47,7 @@ from resnet.config import Params, TrainParams
 from resnet.distributed import World, all_reduce_sum, convert_sync_batchnorm, wrap_model
 from resnet.epoch import TrainingError, train_one_epoch
 from resnet.evaluation import evaluate
+from resnet.fastnet import ResNet9, init_whitening
 from resnet.loader import DeviceLoader
 from resnet.models import ResNet, build_model
 from resnet.optim import build_optimizer, build_scheduler
@@ -119,12 +120,18 @@ def arch_from(params: Params, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def create_model(params: Params, meta: dict[str, Any]) -> ResNet:
-    """Build the model params.model names, initialised from model.pretrained when given."""
+def create_model(params: Params, meta: dict[str, Any], train_images: torch.Tensor | None = None) -> ResNet | ResNet9:
+    """Build the model params.model names, initialised from model.pretrained when given.
+
+    ``train_images`` (uint8 NCHW, the training split) sets a patch-whitening stem
+    (resnet9) from the data; a pretrained checkpoint brings its own.
+    """
     arch = arch_from(params, meta)
     model = build_model(arch["name"], arch["num_classes"], arch["in_channels"], **arch["options"])
     if params.model.pretrained:
         load_pretrained(model, params.model.pretrained, freeze_backbone=params.model.freeze_backbone)
+    elif train_images is not None and init_whitening(model, train_images, meta["mean"], meta["std"]):
+        log.info("whitening stem set from the covariance of 2x2 patches of the training images")
     return model
 
 
@@ -163,16 +170,17 @@ def build_training(
     steps_per_epoch: int,
     precision: str = "fp32",
     sync_batchnorm: bool = False,
+    train_images: torch.Tensor | None = None,
 ) -> TrainingParts:
     """Model (on device, channels_last if asked), optimizer, schedule, grad scaler and loss of a run.
 
     ``steps_per_epoch`` counts optimizer steps; ``precision`` is the one
     :func:`resnet.runtime.resolve_precision` settled on (the scaler is for fp16);
     ``sync_batchnorm`` makes BatchNorm statistics span every process (before the
-    optimizer is built, as the layers are replaced).
+    optimizer is built, as the layers are replaced); ``train_images`` goes to :func:`create_model`.
     """
     tp = params.train
-    model = create_model(params, meta).to(device)
+    model = create_model(params, meta, train_images).to(device)
     if sync_batchnorm:
         model = convert_sync_batchnorm(model, device)
     if tp.channels_last:
@@ -260,7 +268,9 @@ class Trainer:
         self.stopping = EarlyStopping.from_params(self.tp)
         seed_everything(self.tp.seed)
         sync_bn = params.distributed.sync_batchnorm and self.world.size > 1
-        self.parts = build_training(params, meta, self.device, train_loader.steps, self.precision, sync_bn)
+        self.parts = build_training(
+            params, meta, self.device, train_loader.steps, self.precision, sync_bn, train_loader.images
+        )
         # DDP (with several processes) averages the gradients; checkpoints keep the plain module's
         # state. Training only: validation runs the plain module, a second compiled graph would cost
         # more than it saves.
