@@ -104,10 +104,10 @@ class ResNet9(nn.Module):
         self.layer3 = nn.Sequential(ConvNorm(c2, c3, pool=True), Residual(c3))
         self.num_features = c3
         self.fc = nn.Linear(c3, num_classes, bias=False)
+        # PyTorch's default initialisation (as airbench), not He's: every convolution is followed by a
+        # BatchNorm, so a weight's scale only sets its effective learning rate (lr / |w|^2), and He's
+        # 2.4x larger weights train about 6x slower at the same lr (a first epoch of 35% instead of 61%).
         self.logit_scale = 1 / 9
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features before the classifier, shape (N, num_features)."""
