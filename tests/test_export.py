@@ -24,10 +24,10 @@ def _pyfunc_probs(checkpoint: Path, images: np.ndarray) -> np.ndarray:
     return model.predict(None, images).filter(like="prob_").to_numpy()
 
 
-@pytest.mark.parametrize("channels", [3, 1])
-def test_onnx_export_matches_the_pyfunc_model_at_any_batch_size(tmp_path: Path, channels: int) -> None:
+@pytest.mark.parametrize("channels,tta", [(3, None), (1, None), (3, "flip_translate")])
+def test_onnx_export_matches_the_pyfunc_model_at_any_batch_size(tmp_path: Path, channels: int, tta: str | None) -> None:
     ckpt_path = tmp_path / "best.pt"
-    _checkpoint(ckpt_path)
+    _checkpoint(ckpt_path, tta=tta)  # with test-time augmentation the exported graph includes it
     if channels == 1:  # the same network for grayscale input: a 1-channel first convolution
         ckpt = load_checkpoint(ckpt_path)
         ckpt["arch"]["in_channels"] = 1

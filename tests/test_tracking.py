@@ -26,6 +26,7 @@ from resnet.data.split import prepare
 from resnet.data.store import load_split
 from resnet.loader import DeviceLoader
 from resnet.models import build_model
+from resnet.tta import tta_logits
 
 CLASSES = ["cat", "dog", "ship"]
 META = {
@@ -49,7 +50,8 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _checkpoint(path: Path, seed: int = 0) -> torch.nn.Module:
+def _checkpoint(path: Path, seed: int = 0, tta: str | None = None) -> torch.nn.Module:
+    """A tiny resnet20 checkpoint; ``tta`` None writes none (as checkpoints older than model.tta)."""
     torch.manual_seed(seed)
     model = build_model("resnet20", len(CLASSES), width_multiplier=0.25).eval()
     save_checkpoint(
@@ -60,6 +62,7 @@ def _checkpoint(path: Path, seed: int = 0) -> torch.nn.Module:
                 "num_classes": len(CLASSES),
                 "in_channels": 3,
                 "options": {"width_multiplier": 0.25},
+                **({"tta": tta} if tta else {}),
             },
             "model": model.state_dict(),
             "classes": CLASSES,
@@ -311,9 +314,10 @@ def test_registration_tolerates_only_an_existing_model(
             assert MlflowClient().search_model_versions("name='tiny'") == []
 
 
-def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Path) -> None:
+@pytest.mark.parametrize("tta", [None, "flip_translate"])
+def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Path, tta: str | None) -> None:
     params = repo_params()
-    model = _checkpoint(Path("models/best.pt"))
+    model = _checkpoint(Path("models/best.pt"), tta=tta)
     images = _images(8)
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
@@ -336,8 +340,12 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
     with torch.no_grad():
-        expected = torch.softmax(model(x), 1).numpy()
+        # The checkpoint's test-time augmentation, as the evaluate stage applies it (none when unset).
+        expected = torch.softmax(tta_logits(model, x, tta or "none"), 1).numpy()
+        plain = torch.softmax(model(x), 1).numpy()
     np.testing.assert_allclose(np.array(got["probs"]), expected, rtol=1e-4, atol=1e-5)
+    if tta:  # not the plain network's answer
+        assert not np.allclose(np.array(got["probs"]), plain, atol=1e-4)
     assert got["labels"] == [CLASSES[i] for i in expected.argmax(1)]
 
     # The inference command writes the top classes of each image file as CSV.

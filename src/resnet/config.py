@@ -20,6 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from resnet.models import MODEL_OPTIONS, SHORTCUTS, STEMS, list_models
+from resnet.tta import TTA_MODES
 from resnet.utils import PipelineError, flatten
 
 __all__ = [
@@ -104,6 +105,8 @@ class ModelParams:
     pretrained: str | None = _opt()
     # With pretrained: train only the classifier head.
     freeze_backbone: bool = _opt()
+    # Test-time augmentation of every prediction (validation, test, the registered model): resnet.tta.
+    tta: str = _opt(choices=TTA_MODES)
 
     def build_options(self) -> dict[str, Any]:
         """The keyword options build_model takes."""

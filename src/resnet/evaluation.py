@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resnet.runtime import autocast
+from resnet.tta import tta_logits
 from resnet.utils import PipelineError
 
 __all__ = [
@@ -222,6 +223,7 @@ def evaluate(
     device: torch.device | str | None = None,
     label_smoothing: float = 0.0,
     precision: str = "fp32",
+    tta: str = "none",
 ) -> EvalResult:
     """Run ``model`` over every batch of ``loader`` and compute all metrics.
 
@@ -238,6 +240,8 @@ def evaluate(
         precision: fp32, or bf16/fp16 autocast for the forward pass (one that
             :func:`resnet.runtime.resolve_precision` settled on); the loss, softmax and
             top-k are computed in fp32 from the logits either way.
+        tta: test-time augmentation, one of :data:`resnet.tta.TTA_MODES` (the checkpoint's
+            ``model.tta``): the logits are :func:`resnet.tta.tta_logits`'s.
 
     The mean loss is one float64 sum over the per-image losses, so how the images are
     batched does not change it (training validates at train.batch_size, the validate
@@ -252,7 +256,7 @@ def evaluate(
     was_training = model.training
     model.to(device).eval()
     try:
-        outputs = _forward_pass(model, loader, num_classes, device, precision, label_smoothing)
+        outputs = _forward_pass(model, loader, num_classes, device, precision, label_smoothing, tta)
     finally:
         model.train(was_training)
     return _result(outputs, num_classes)
@@ -276,6 +280,7 @@ def _forward_pass(
     device: torch.device,
     precision: str,
     label_smoothing: float,
+    tta: str,
 ) -> _PassOutputs:
     k = min(5, num_classes)
     topk_hits = torch.zeros((), dtype=torch.int64, device=device)
@@ -284,7 +289,7 @@ def _forward_pass(
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(x).float()
+            logits = tta_logits(model, x, tta).float()
         if logits.ndim != 2 or logits.shape[1] != num_classes:
             raise EvaluationError(
                 f"the model outputs shape {tuple(logits.shape)}, expected (batch, {num_classes}); "

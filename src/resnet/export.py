@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
+from resnet.tta import TTAModel, checkpoint_tta
 from resnet.utils import PipelineError, atomic_path
 
 __all__ = ["ExportError", "OPSET", "TOLERANCE", "export_onnx"]
@@ -60,7 +61,9 @@ class _Portable(nn.Module):
 
 
 def _portable(ckpt: dict[str, Any]) -> _Portable:
-    return _Portable(model_from_checkpoint(ckpt).float().eval(), list(ckpt["mean"]), list(ckpt["std"])).eval()
+    # With the checkpoint's test-time augmentation, so the exported graph answers as the pyfunc model does.
+    model = TTAModel(model_from_checkpoint(ckpt).float(), checkpoint_tta(ckpt))
+    return _Portable(model.eval(), list(ckpt["mean"]), list(ckpt["std"])).eval()
 
 
 def _to_onnx(module: nn.Module, example: torch.Tensor) -> bytes:

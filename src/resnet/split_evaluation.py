@@ -24,6 +24,7 @@ from resnet.evaluation import EvalResult, EvaluationError, evaluate
 from resnet.models import ResNet
 from resnet.paths import CHECKPOINTS, PREPARED
 from resnet.runtime import resolve_precision
+from resnet.tta import checkpoint_tta
 
 __all__ = ["load_model_for_data", "SplitEvaluation", "trained_with", "evaluate_checkpoint", "check_belongs_to_run"]
 
@@ -152,9 +153,17 @@ def evaluate_checkpoint(
         raise EvaluationError(f"cannot evaluate {checkpoint} on {data_dir}/{split}: {e}") from e
     n, epoch = len(images), ckpt.get("epoch")
     log.info(
-        "evaluating %s (epoch %s) on %d %s images on %s, precision %s", checkpoint, epoch, n, split, device, precision
+        "evaluating %s (epoch %s) on %d %s images on %s, precision %s, test-time augmentation %s",
+        checkpoint,
+        epoch,
+        n,
+        split,
+        device,
+        precision,
+        checkpoint_tta(ckpt),
     )
-    result = evaluate(model, loader, len(classes), device=device, precision=precision)
+    tta = checkpoint_tta(ckpt)
+    result = evaluate(model, loader, len(classes), device=device, precision=precision, tta=tta)
     log.info("%s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in result.flat_metrics().items()))
     bad = {k: v for k, v in result.flat_metrics(split).items() if not np.isfinite(v)}
     if bad:

@@ -111,12 +111,13 @@ class TrainResult:
 
 
 def arch_from(params: Params, meta: dict[str, Any]) -> dict[str, Any]:
-    """The arch dict a checkpoint stores (what checkpoint.model_from_checkpoint rebuilds)."""
+    """The arch dict a checkpoint stores (what checkpoint.model_from_checkpoint rebuilds, and its TTA)."""
     return {
         "name": params.model.name,
         "num_classes": len(meta["classes"]),
         "in_channels": int(meta["channels"]),
         "options": params.model.build_options(),
+        "tta": params.model.tta,
     }
 
 
@@ -334,7 +335,13 @@ class Trainer:
         With several processes each evaluates its share of the split (its val_loader) and
         the sums are added up: the figures of one process evaluating all of it.
         """
-        result = evaluate(self.parts.model, self.val_loader, len(self.meta["classes"]), precision=self.precision)
+        result = evaluate(
+            self.parts.model,
+            self.val_loader,
+            len(self.meta["classes"]),
+            precision=self.precision,
+            tta=self.params.model.tta,
+        )
         if self.world.size == 1:
             return {"val_loss": result.loss, "val_accuracy": result.accuracy}
         n = result.num_images

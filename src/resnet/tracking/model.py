@@ -23,6 +23,7 @@ from resnet.config import TrackingParams
 from resnet.loader import DeviceLoader
 from resnet.tracking.runs import PipelineRun
 from resnet.tracking.store import TrackingError, point_mlflow_at, quiet, resolve_tracking_uri
+from resnet.tta import TTAModel, checkpoint_tta
 
 __all__ = ["InputError", "INPUT_CONTRACT", "request_images", "ResNetClassifier", "log_model", "load_pyfunc"]
 
@@ -121,7 +122,8 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         if self.batch_size < 1:
             raise MlflowException(f"model_config batch_size must be at least 1, got {config['batch_size']!r}")
         ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
-        self.model = model_from_checkpoint(ckpt).eval().to(self.device)
+        # The checkpoint's test-time augmentation (model.tta), as the evaluate stage measured it.
+        self.model = TTAModel(model_from_checkpoint(ckpt), checkpoint_tta(ckpt)).eval().to(self.device)
         self.classes = list(ckpt["classes"])
         self.image_size = preprocess.as_size(ckpt.get("image_size"))
         self.channels = ckpt["arch"]["in_channels"]
