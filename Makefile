@@ -21,9 +21,15 @@ install: $(STAMP)
 DATASET ?= imagefolder
 # Stage commands say `python`: put the venv first on PATH so DVC runs ours.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
+# A named recipe (recipes/<name>.yaml, `python -m resnet.recipes` lists them) runs as a DVC
+# experiment with its params: make repro RECIPE=cpu-resnet20 [DATA_SOURCE=...]
+DATA_ARGS = $(if $(DATA_SOURCE),-S data.dataset=$(DATASET) -S data.source=$(DATA_SOURCE))
 repro: $(STAMP)
-ifdef DATA_SOURCE
-	$(RUN) $(BIN)/dvc exp run -S data.dataset=$(DATASET) -S data.source=$(DATA_SOURCE) $(DVC_ARGS)
+ifdef RECIPE
+	export PATH="$(CURDIR)/$(BIN):$$PATH" && args="$$(python -m resnet.recipes $(RECIPE))" && \
+	  eval "dvc exp run $$args $(DATA_ARGS) $(DVC_ARGS)"
+else ifdef DATA_SOURCE
+	$(RUN) $(BIN)/dvc exp run $(DATA_ARGS) $(DVC_ARGS)
 else
 	$(RUN) $(BIN)/dvc repro $(DVC_ARGS)
 endif

@@ -27,7 +27,7 @@ from resnet.distributed import World
 from resnet.loader import DeviceLoader
 from resnet.lock import exclusive_lock, waiting_lock
 from resnet.resume import code_digest, find_resume_checkpoint
-from resnet.runtime import configure_torch, keep_freed_memory
+from resnet.runtime import configure_torch, cpu_summary, keep_freed_memory
 from resnet.stage import run_stage
 from resnet.training import HISTORY_FIELDS, TrainResult, fit
 from resnet.utils import atomic_path, write_json
@@ -171,8 +171,13 @@ def _train(params: Params, world: World, device: torch.device) -> None:
             on_epoch=mlrun.log_epoch,
             world=world,
         )
-        # The device as the run's "device" tag describes it, so the two agree.
-        summary = {**_summary(result), "device": tracking.device_description(device)}
+        # The device and CPU flags as the run's "device" and "cpu.flags" tags describe them, so they agree:
+        # with "precision", what train.precision auto decided on.
+        summary = {
+            **_summary(result),
+            "device": tracking.device_description(device),
+            "cpu.flags": cpu_summary()["cpu.flags"],
+        }
         write_json(paths.TRAIN_METRICS, summary)
         _write_history(paths.TRAIN_HISTORY, result.history)
         mlrun.log_results(summary)

@@ -134,25 +134,34 @@ def test_yaml_exponent_without_dot_is_read_as_a_number() -> None:
         ({"train.schedule": "multistep", "train.milestones": [3, 1000]}, r"^train\.milestones: \[3, 1000\]"),
         ({"train.schedule": "multistep", "train.milestones": [3, 3]}, r"^train\.milestones: \[3, 3\]"),
         ({"train.milestones": [5]}, r"^train\.milestones: \[5\] only applies to train\.schedule multistep"),
-        ({"train.warmup_epochs": 15.0}, r"^train\.warmup_epochs: 15\.0 must be below train\.epochs \(15\)"),
+        (
+            {"train.epochs": 15, "train.warmup_epochs": 15.0},
+            r"^train\.warmup_epochs: 15\.0 must be below train\.epochs \(15\)",
+        ),
         ({"model.freeze_backbone": True}, r"^model\.freeze_backbone: true needs model\.pretrained"),
         ({"model.pretrained": "no/such/checkpoint.pt"}, r"^model\.pretrained: 'no/such/checkpoint\.pt' is not a file"),
         ({"data.sha256": "abc"}, r"^data\.sha256: 'abc' is not a 64-character"),
         # Caught by build_model / the optimizer / the device before; now when params load.
-        ({"model.stem": "imagenet"}, r"^model\.stem: 'imagenet' does not apply to resnet20"),
-        ({"model.stem": "cifar", "model.name": "resnet56"}, None),
+        ({"model.stem": "imagenet", "model.name": "resnet20"}, r"^model\.stem: 'imagenet' does not apply to resnet20"),
+        ({"model.stem": "imagenet"}, r"^model\.stem: 'imagenet' does not apply to resnet9; choose one of"),
+        ({"model.stem": "cifar", "model.name": "resnet56", "model.width_multiplier": 1.0}, None),
         ({"train.momentum": 0.0}, r"^train\.nesterov: true needs train\.momentum > 0"),
         ({"train.momentum": 0.0, "train.optimizer": "adamw"}, None),
         (
-            {"model.width_multiplier": 0.25},
+            {"model.width_multiplier": 0.25, "model.name": "resnet20"},
             r"^train\.channels_last: true on CPU cannot train this model: the 1x1 "
             r"stride-2 convolution layer2\.0\.downsample\.0 has 4 input channels",
         ),
         (
-            {"model.width_multiplier": 0.25, "train.channels_last": False, "train.compile": True},
+            {
+                "model.width_multiplier": 0.25,
+                "model.name": "resnet20",
+                "train.channels_last": False,
+                "train.compile": True,
+            },
             r"^train\.compile: true on CPU",
         ),
-        ({"model.width_multiplier": 0.25, "model.shortcut": "A"}, None),
+        ({"model.width_multiplier": 0.25, "model.name": "resnet20", "model.shortcut": "A"}, None),
     ],
 )
 def test_cross_field_rules(changes: dict, message: str | None) -> None:
@@ -198,5 +207,5 @@ def test_override_changes_dotted_keys_and_validates() -> None:
 
 def test_flat_dict_is_what_mlflow_logs() -> None:
     flat = to_flat_dict(load_params(PARAMS_FILE))
-    assert flat["train.lr"] == RAW["train"]["lr"] and flat["train.augment.flip"] is True
-    assert flat["model.name"] == "resnet20"
+    assert flat["train.lr"] == RAW["train"]["lr"] and flat["train.augment.flip"] == RAW["train"]["augment"]["flip"]
+    assert flat["model.name"] == RAW["model"]["name"]

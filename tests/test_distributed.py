@@ -238,6 +238,26 @@ def test_two_processes_with_syncbn_train_the_weights_of_one_and_rank_0_alone_rec
     assert json.loads((two / paths.RUN_FILE).read_text())["run_id"] == run.info.run_id
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_processes_keep_the_weight_average_of_one(tmp_path: Path, started: list[subprocess.Popen]) -> None:
+    """train.ema (lookahead) under DDP: each process averages the same weights; rank 0 saves one process's."""
+    roots = [_workspace(tmp_path / f"p{n}", n, n_train=128, epochs=1) for n in (1, 2)]
+    for root in roots:
+        raw = yaml.safe_load((root / paths.PARAMS).read_text())
+        raw["train"]["ema"] = {"decay": 0.5, "every": 2, "warmup": False, "lookahead": True}
+        (root / paths.PARAMS).write_text(yaml.safe_dump(raw))
+        _train(root, started)
+    a, b = (load_checkpoint(root / paths.LAST_CHECKPOINT) for root in roots)
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 2  # 4 steps of the global batch
+    for key in ("model", "training_model"):
+        x, y = (a[key], b[key]) if key == "model" else (a["ema"][key], b["ema"][key])
+        for k in x:
+            torch.testing.assert_close(y[k], x[k], rtol=0, atol=1e-5, msg=f"{key} {k}")
+    m1, m2 = (json.loads((root / paths.TRAIN_METRICS).read_text()) for root in roots)
+    assert m2["best_val_accuracy"] == m1["best_val_accuracy"]
+
+
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     """The pid of the worker with RANK=rank among the launcher's children."""
     for task in Path(f"/proc/{launcher.pid}/task").iterdir():

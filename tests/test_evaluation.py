@@ -205,9 +205,16 @@ def test_evaluate_runs_the_forward_pass_in_the_precision_asked() -> None:
 def test_checkpoints_are_evaluated_as_their_training_validated_them() -> None:
     cpu = torch.device("cpu")
     trained = {"params": {"train": {"precision": "bf16", "channels_last": True}}}
-    assert trained_with(trained, cpu) == ("fp32", True)  # CPU runs half precision in fp32, as training did
+    assert trained_with(trained, cpu) == ("bf16", True)  # bf16 autocast runs on any CPU, as training did
+    trained = {"params": {"train": {"precision": "fp16", "channels_last": True}}}
+    assert trained_with(trained, cpu) == ("fp32", True)  # fp16 is for GPUs: CPU training ran fp32
     assert trained_with({"params": {"train": {"precision": "fp32", "channels_last": False}}}, cpu) == ("fp32", False)
     assert trained_with({"params": {}}, cpu) == ("fp32", False)  # a hand-made checkpoint: plain fp32
+    # train.precision auto: what it resolved to where it trained, stored beside the params, not what it would here.
+    auto = {"params": {"train": {"precision": "auto", "channels_last": False}}}
+    assert trained_with({**auto, "precision": "bf16"}, cpu) == ("bf16", False)
+    assert trained_with({**auto, "precision": "fp32"}, cpu) == ("fp32", False)
+    assert trained_with({**auto, "precision": "fp16"}, cpu) == ("fp32", False)  # a GPU's fp16: fp32 on a CPU
 
 
 def test_topk_uses_all_classes_when_fewer_than_five() -> None:
@@ -355,8 +362,11 @@ CLASSES = ["plane", "car", "bird", "cat", "deer", "dog"]
 N_VAL, N_TEST = 14, 23
 
 
-def _checkpoint_state(classes: list[str], seed: int, epoch: int, run_id: str | None = None) -> dict:
-    """A tiny model's checkpoint; ``run_id``: the MLflow run the train stage would record in it."""
+def _checkpoint_state(
+    classes: list[str], seed: int, epoch: int, run_id: str | None = None, tta: str | None = None
+) -> dict:
+    """A tiny model's checkpoint; ``run_id``: the MLflow run the train stage would record in it;
+    ``tta`` None: no model.tta, as checkpoints older than it."""
     model = _tiny_model(len(classes), seed=seed)
     return {
         **({"extra": {"run_id": run_id}} if run_id else {}),
@@ -365,6 +375,7 @@ def _checkpoint_state(classes: list[str], seed: int, epoch: int, run_id: str | N
             "num_classes": len(classes),
             "in_channels": 3,
             "options": {"width_multiplier": 0.25},
+            **({"tta": tta} if tta else {}),
         },
         "model": model.state_dict(),
         "classes": list(classes),
@@ -481,13 +492,15 @@ def test_validate_stage(workspace: Path, monkeypatch: pytest.MonkeyPatch, choice
         assert path.is_file(), f"dvc.yaml declares {path} but the stage did not write it"
     metrics = json.loads(paths.VAL_METRICS.read_text())
     assert list(metrics) == [
-        f"val_{k}" for k in (*SCALARS, "checkpoint", "checkpoint_epoch", "num_images", "num_classes", "chance_accuracy")
+        f"val_{k}"
+        for k in (*SCALARS, "checkpoint", "checkpoint_epoch", "tta", "num_images", "num_classes", "chance_accuracy")
     ]
     # The commonest class's share of the split: what a model that learned nothing scores.
     _, labels = load_split(paths.PREPARED, "val")
     assert metrics["val_chance_accuracy"] == pytest.approx(np.bincount(labels).max() / len(labels))
     assert metrics["val_checkpoint"] == f"models/{choice}.pt"
     assert metrics["val_checkpoint_epoch"] == epoch
+    assert metrics["val_tta"] == "none"  # a checkpoint without model.tta predicts without test-time augmentation
     assert metrics["val_num_images"] == N_VAL
     per_class = pd.read_csv(paths.VAL_PER_CLASS)
     assert list(per_class["class"]) == CLASSES and per_class["support"].sum() == N_VAL
@@ -497,6 +510,7 @@ def test_validate_stage(workspace: Path, monkeypatch: pytest.MonkeyPatch, choice
     history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(0, metrics["val_accuracy"])]
     assert _run_data().tags["val_checkpoint"] == metrics["val_checkpoint"]
+    assert _run_data().tags["val_tta"] == "none"
 
     frame = _check_confusion_csv(paths.VAL_CONFUSION, "val")
     # The metrics file and the plot data must tell the same story.
@@ -536,6 +550,25 @@ def test_evaluate_stage_writes_every_declared_output(workspace: Path, monkeypatc
     run_id = json.loads(paths.RUN_FILE.read_text())["run_id"]
     logged = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "test")}
     assert logged == {f"test/{p.name}" for p in declared}
+
+
+def test_evaluate_stage_predicts_with_the_checkpoints_tta(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _checkpoint_state(CLASSES, 0, 3, workspace_run_id(), tta="flip_translate")
+    save_checkpoint(paths.BEST_CHECKPOINT, state)
+    assert _stage("evaluate", monkeypatch).main() == 0
+    metrics = json.loads(paths.TEST_METRICS.read_text())
+    assert metrics["test_tta"] == "flip_translate"
+
+    # The figures of evaluate() with the checkpoint's TTA, not those of the plain logits.
+    model = _tiny_model(len(CLASSES), seed=0)
+    model.load_state_dict(state["model"])
+    images, labels = load_split(paths.PREPARED, "test")
+    loader = DeviceLoader(images, labels, 7, mean=state["mean"], std=state["std"])
+    with_tta = evaluate(model, loader, len(CLASSES), tta="flip_translate")
+    plain = evaluate(model, loader, len(CLASSES))
+    assert metrics["test_loss"] == pytest.approx(with_tta.loss, rel=1e-6)
+    assert metrics["test_loss"] != pytest.approx(plain.loss, rel=1e-6)
+    assert metrics["test_accuracy"] == with_tta.accuracy
 
 
 def test_val_and_test_metrics_have_the_same_names(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:

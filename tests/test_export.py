@@ -47,6 +47,7 @@ def test_onnx_export_matches_the_pyfunc_model_at_any_batch_size(tmp_path: Path, 
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["classes"]) == CLASSES and json.loads(meta["image_size"]) == [16, 16]
     assert meta["channels"] == str(channels) and len(meta["checkpoint_sha256"]) == 64
+    assert meta["tta"] == (tta or "none")
 
 
 def test_a_wrong_export_is_refused_and_not_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,7 +60,7 @@ def test_resnet9_refuses_options_that_do_not_apply() -> None:
         build_model("resnet9", 10, stem="imagenet")
     with pytest.raises(ValueError, match="zero_init_residual"):
         build_model("resnet9", 10, zero_init_residual=True)
-    with pytest.raises(ConfigError, match="model: stem='imagenet' is not valid"):
+    with pytest.raises(ConfigError, match=r"model\.stem: 'imagenet' does not apply to resnet9; choose one of"):
         make_params({**RESNET9, "stem": "imagenet"})
 
 

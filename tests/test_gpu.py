@@ -21,6 +21,7 @@ from resnet.evaluation import evaluate
 from resnet.loader import DeviceLoader
 from resnet.resume import find_resume_checkpoint
 from resnet.runtime import configure_torch
+from resnet.split_evaluation import trained_with
 from resnet.training import fit
 
 pytestmark = [
@@ -36,6 +37,14 @@ def gpu_loaders(params, meta, **kw):
     device = configure_torch(params.train)
     assert device.type == "cuda"
     return make_loaders(params, meta, device=str(device), **kw)
+
+
+def test_auto_precision_on_gpu_is_bf16_where_supported_and_stored_in_the_checkpoint(tmp_path: Path) -> None:
+    params, meta = make_params(epochs=1, precision="auto", **CUDA), make_meta()
+    result = fit(params, meta, *gpu_loaders(params, meta), tmp_path)
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert result.precision == expected and load_checkpoint(result.last_path)["precision"] == expected
+    assert trained_with(load_checkpoint(result.last_path), torch.device("cuda"))[0] == expected
 
 
 @pytest.mark.parametrize(

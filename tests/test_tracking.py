@@ -18,12 +18,13 @@ from mlflow.tracking import MlflowClient
 from paramsets import data_params, repo_params
 from PIL import Image
 
-from resnet import predict, tracking
+from resnet import predict, runtime, tracking
 from resnet.checkpoint import save_checkpoint
 from resnet.config import to_flat_dict
 from resnet.data.sources import download
 from resnet.data.split import prepare
 from resnet.data.store import load_split
+from resnet.evaluation import evaluate
 from resnet.loader import DeviceLoader
 from resnet.models import build_model
 from resnet.tta import tta_logits
@@ -107,7 +108,10 @@ def test_system_metrics_are_logged_while_training_and_switched_off_by_the_param(
 
 def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
-    params = repo_params()
+    # A CPU with native bf16, where train.precision auto resolves to bf16.
+    cpu = ("AMD EPYC 9R14 96-Core Processor", frozenset({"sse2", "avx2", "fma", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(runtime, "cpu_info", lambda: cpu)
+    params = repo_params({"train.precision": "auto"})
     with tracking.start_run(params, META, "cpu", "models/run.json") as run:
         for epoch in (1, 2, 3):
             run.log_epoch(epoch, {"epoch": epoch, "train_loss": 1.0 / epoch, "val_accuracy": 0.3 * epoch})
@@ -129,6 +133,10 @@ def test_one_run_across_stages_with_params_tags_and_curves(repo: Path, monkeypat
     assert data.data.tags["dvc.experiment"] == "brisk-lark"
     assert data.data.tags["dataset.sha256"] == META["source_sha256"]
     assert data.data.tags["device"].startswith("cpu")
+    # What train.precision asked for (the param) and resolved to (the tag), and the CPU it was decided on.
+    assert (data.data.params["train.precision"], data.data.tags["precision"]) == ("auto", "bf16")
+    assert data.data.tags["cpu.model"] == "AMD EPYC 9R14 96-Core Processor"
+    assert data.data.tags["cpu.flags"] == "avx2 fma avx512f avx512_bf16"  # the speed-relevant ones, in a fixed order
     assert data.data.metrics["test_accuracy"] == 0.5
     assert data.data.tags["test_checkpoint"] == "models/best.pt" and "resumed_from_epoch" not in data.data.metrics
     history = client.get_metric_history(run.run_id, "epoch/train_loss")
@@ -168,7 +176,8 @@ def test_a_plain_repro_run_is_named_from_commit_and_params_and_dirty_means_code(
         data = mlflow.get_run(run.run_id)
         names.append(data.info.run_name)
         assert data.data.tags["git.dirty"] == "false" and "git.dirty_files" not in data.data.tags
-    pattern = rf"repro-{commit[:7]}-resnet20-e15-lr%s-[0-9a-f]{{6}}"
+    default = repo_params()
+    pattern = rf"repro-{commit[:7]}-{default.model.name}-e{default.train.epochs}-lr%s-[0-9a-f]{{6}}"
     assert re.fullmatch(pattern % "0.2", names[0]) and re.fullmatch(pattern % "0.05", names[1]), names
 
     (repo / "src/resnet/models.py").write_text("2\n")  # a code change
@@ -249,13 +258,14 @@ def test_registry_champion_moves_only_when_better_and_challenger_is_the_newest_l
     assert "already exists" not in capfd.readouterr().err  # MLflow's note, printed on every registration
     v5 = client.get_model_version("tiny", "5")
     assert (v5.tags["test_accuracy"], v5.tags["test_loss"], v5.tags["test_num_images"]) == ("0.55", "0.3", "20")
-    for needle in ("Recipe: resnet", "Data: ", "Test: test_accuracy 0.55, test_loss 0.3", f"({run.run_id})"):
+    recipe = f"test-time augmentation {params.model.tta}."
+    for needle in ("Recipe: resnet", recipe, "Data: ", "Test: test_accuracy 0.55, test_loss 0.3", f"({run.run_id})"):
         assert needle in v5.description, v5.description
 
 
 def test_the_registered_model_is_named_after_its_run_and_its_figures_name_the_dataset(repo: Path) -> None:
     params = repo_params()
-    _checkpoint(Path("models/best.pt"))
+    _checkpoint(Path("models/best.pt"), tta="flip")
     with tracking.start_run(params, META, "cpu", "models/run.json"):
         pass
     figures = {"test_accuracy": 0.5, "test_loss": 1.25}
@@ -270,6 +280,9 @@ def test_the_registered_model_is_named_after_its_run_and_its_figures_name_the_da
     model = mlflow.get_logged_model(version.source.removeprefix("models:/"))
     run_name = mlflow.get_run(run.run_id).info.run_name
     assert model.name == "resnet20-" + run_name.replace(".", "_")
+    # How the version predicts: the checkpoint's test-time augmentation, on the version and in the MLmodel.
+    assert version.tags["tta"] == "flip"
+    assert mlflow.models.get_model_info(version.source).metadata["tta"] == "flip"
     # The model's figures are the run's, measured on the prepared data of META...
     linked = {m.key: (m.value, m.dataset_name, m.dataset_digest) for m in model.metrics}
     name = "imagefolder from archive.tar.gz (train/val/test 9/3/3)"
@@ -331,7 +344,8 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
         f"mlflow.set_tracking_uri('sqlite:///{repo.resolve()}/mlflow.db')\n"
         "m = mlflow.pyfunc.load_model('models:/tiny@champion')\n"
         "out = m.predict(np.load('images.npy'))\n"
-        "print(json.dumps({'labels': list(out['label']), 'probs': out.filter(like='prob_').values.tolist()}))\n"
+        "print(json.dumps({'labels': list(out['label']), 'probs': out.filter(like='prob_').values.tolist(),\n"
+        "                  'confidence': list(out['confidence']), 'tta': m.metadata.metadata.get('tta')}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -347,6 +361,13 @@ def test_pyfunc_model_loads_in_a_fresh_process_and_matches_the_network(repo: Pat
     if tta:  # not the plain network's answer
         assert not np.allclose(np.array(got["probs"]), plain, atol=1e-4)
     assert got["labels"] == [CLASSES[i] for i in expected.argmax(1)]
+    assert got["tta"] == (tta or "none")
+    # What the evaluate stage measures with the same TTA: the same confidences, so the same accuracy.
+    labels = np.arange(len(images)) % len(CLASSES)
+    loader = DeviceLoader(images, labels, 3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    measured = evaluate(model, loader, len(CLASSES), tta=tta or "none")
+    np.testing.assert_allclose(got["confidence"], measured.confidences, rtol=1e-4, atol=1e-5)
+    assert np.mean([CLASSES.index(c) for c in got["labels"]] == labels) == measured.accuracy
 
     # The inference command writes the top classes of each image file as CSV.
     Image.fromarray(images[0]).save("a.png")

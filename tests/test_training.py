@@ -38,7 +38,8 @@ from resnet.epoch import train_one_epoch
 from resnet.loader import DeviceLoader
 from resnet.optim import build_optimizer, build_scheduler
 from resnet.resume import TrainState, find_resume_checkpoint, rng_state, set_rng_state
-from resnet.runtime import configure_torch, resolve_precision
+from resnet.runtime import configure_torch, cpu_info, native_bf16, resolve_precision
+from resnet.split_evaluation import trained_with
 from resnet.training import (
     HISTORY_FIELDS,
     EarlyStopping,
@@ -50,18 +51,26 @@ from resnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "train.py"
+#: The model keys tests pin, so that they do not follow params.yaml's default model; a test's model dict changes them.
+PINNED_MODEL = {"width_multiplier": 1.0, "stem": None, "tta": "none"}
 TINY_MODEL = {"name": "resnet20", "width_multiplier": 0.25}
-#: The tests' changes to params.yaml's recipe: tiny batches, no augmentation, no label smoothing, one thread,
-#: and NCHW (the tiny model's 4- and 8-channel 1x1 stride-2 convolutions refuse channels_last on CPU).
+#: The tests' changes to params.yaml's recipe (pinned, so they do not follow the default recipe): tiny batches,
+#: plain SGD settings, validation every epoch, no augmentation, no label smoothing, one thread, fp32, and NCHW (the tiny model's 4- and 8-channel 1x1 stride-2 convolutions refuse channels_last on CPU).
 TEST_RECIPE = {
     "epochs": 2,
     "batch_size": 32,
     "lr": 0.05,
     "schedule": "cosine",
+    "warmup_epochs": 0,
+    "momentum": 0.9,
+    "norm_bias_lr_scale": 1.0,
+    "eval_every": 1,
     "num_threads": 1,
     "label_smoothing": 0.0,
     "channels_last": False,
     "augment": {"crop_padding": 0, "flip": False, "cutout": 0},
+    # Not auto, which picks bf16 on CPUs with native bf16: the tests' numbers must not depend on the machine.
+    "precision": "fp32",
 }
 CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]
 
@@ -106,7 +115,10 @@ def make_meta(size: int = 16, counts: dict | None = None) -> dict[str, Any]:
 def make_params(model: dict | None = None, **train: Any) -> Params:
     """params.yaml with a tiny model (or `model`'s keys) and TEST_RECIPE, which `train` changes further."""
     return repo_params(
-        {**section_changes("model", model or TINY_MODEL), **section_changes("train", {**TEST_RECIPE, **train})}
+        {
+            **section_changes("model", {**PINNED_MODEL, **(model or TINY_MODEL)}),
+            **section_changes("train", {**TEST_RECIPE, **train}),
+        }
     )
 
 
@@ -192,6 +204,7 @@ def test_fit_learns_the_quadrant_task(tmp_path: Path) -> None:
         "num_classes": 4,
         "in_channels": 3,
         "options": params.model.build_options(),
+        "tta": "none",
     }
     assert last["params"] == dataclasses.asdict(params) and len(last["history"]) == 3
     model = model_from_checkpoint(last)
@@ -645,12 +658,86 @@ def test_params_refuse_nesterov_without_momentum_and_cuda_without_a_gpu() -> Non
             make_params(device="cuda")
 
 
-def test_half_precision_on_cpu_falls_back_to_fp32(caplog) -> None:
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512_vnni {extra}
+processor\t: 1
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512_vnni {extra}
+"""
+
+
+def test_cpu_info_reads_the_model_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO.format(extra="avx512_bf16"))
+    model, flags = cpu_info(path)
+    assert model == "AMD EPYC 9R14 96-Core Processor" and {"avx2", "avx512_bf16"} <= flags and native_bf16(flags)
+    path.write_text(CPUINFO.format(extra=""))
+    assert not native_bf16(cpu_info(path)[1])
+    path.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # ARM names them Features; no x86 bf16 flag
+    assert cpu_info(path) == ("unknown", frozenset({"fp", "asimd", "bf16"}))
+    assert cpu_info(tmp_path / "missing")[1] == frozenset()  # not Linux: no flags, so auto means fp32
+
+
+@pytest.mark.parametrize(
+    "flags,auto", [({"avx2", "amx_bf16"}, "bf16"), ({"avx2", "avx512_bf16"}, "bf16"), ({"avx2"}, "fp32")]
+)
+def test_precision_auto_takes_bf16_where_the_cpu_has_it(monkeypatch, caplog, flags: set, auto: str) -> None:
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("a CPU", frozenset(flags)))
     cpu = torch.device("cpu")
-    for requested in ("bf16", "fp16"):
-        assert resolve_precision(requested, cpu) == "fp32"
-    assert "running in fp32" in caplog.text
+    assert resolve_precision("auto", cpu) == auto
     assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured, emulated or not
+    assert ("emulated" in caplog.text) == (auto == "fp32")
+    assert resolve_precision("fp16", cpu) == "fp32" and "running in fp32" in caplog.text
+
+
+def test_bf16_on_cpu_trains_under_autocast(tmp_path: Path, monkeypatch) -> None:
+    params, meta = make_params(epochs=1, precision="bf16"), make_meta()
+    dtypes = []
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", _recording_conv(dtypes))
+    result = fit(params, meta, *make_loaders(params, meta), tmp_path)
+    assert result.precision == "bf16" and math.isfinite(result.history[0]["train_loss"])
+    assert torch.bfloat16 in dtypes  # the convolutions ran in bf16, not fp32
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["precision"] == "bf16" and trained_with(ckpt, torch.device("cpu"))[0] == "bf16"
+
+
+def test_auto_precision_is_stored_and_a_resume_on_another_cpu_says_so(tmp_path: Path, monkeypatch, caplog) -> None:
+    params, meta = make_params(precision="auto"), make_meta()
+    amx, avx2 = ("a CPU with AMX", frozenset({"avx2", "amx_bf16"})), ("an AVX2 CPU", frozenset({"avx2"}))
+    monkeypatch.setattr(runtime, "cpu_info", lambda: amx)
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, meta, *make_loaders(params, meta), tmp_path, on_epoch=interrupt_after(1))
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["precision"] == "bf16" and ckpt["params"]["train"]["precision"] == "auto"
+
+    # Elsewhere, auto means fp32: validate and evaluate still compute as training did.
+    monkeypatch.setattr(runtime, "cpu_info", lambda: avx2)
+    assert trained_with(ckpt, torch.device("cpu"))[0] == "bf16"
+    resumed = fit(
+        params, meta, *make_loaders(params, meta), tmp_path, resume=find_resume_checkpoint(params, meta, tmp_path)
+    )
+    assert resumed.precision == "fp32" and resumed.epochs_completed == 2
+    assert "the checkpoint was trained in bf16; it resumes in fp32 here (train.precision auto)" in caplog.text
+    assert load_checkpoint(tmp_path / "last.pt")["precision"] == "fp32"
+
+    # A finished training is not trained again: its result says what it was trained in.
+    monkeypatch.setattr(runtime, "cpu_info", lambda: amx)
+    done = fit(params, meta, *make_loaders(params, meta), tmp_path, resume=load_checkpoint(tmp_path / "last.pt"))
+    assert done.precision == "fp32" and done.history == resumed.history
+
+
+def _recording_conv(dtypes: list) -> Any:
+    original = torch.nn.Conv2d.forward
+
+    def forward(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        out = original(self, x)
+        dtypes.append(out.dtype)
+        return out
+
+    return forward
 
 
 @pytest.mark.slow
@@ -677,6 +764,8 @@ def test_stage_writes_its_outputs_then_starts_fresh_after_a_finished_run(tmp_pat
     summary = json.loads(Path("metrics/train.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["stopped_early"] is False
     assert summary["device"].startswith("cpu: ")  # as the run's device tag says it
+    assert summary["precision"] == "fp32" and summary["cpu.flags"] == runtime.cpu_summary()["cpu.flags"]
+    assert f"flags {summary['cpu.flags']})" in caplog.text  # the CPU, in the stage's log too
     assert 0 <= summary["best_val_accuracy"] <= 1 and summary["images_per_sec"] > 0
     rows = Path("plots/train/history.csv").read_text().splitlines()
     assert rows[0] == ",".join(HISTORY_FIELDS) and len(rows) == 3
@@ -692,6 +781,8 @@ def test_stage_writes_its_outputs_then_starts_fresh_after_a_finished_run(tmp_pat
     data = client.get_run(run_info["run_id"]).data
     assert data.metrics["best_val_accuracy"] == summary["best_val_accuracy"]
     assert data.tags["device"] == summary["device"]
+    assert {k: data.tags[k] for k in ("precision", "cpu.flags")} == {k: summary[k] for k in ("precision", "cpu.flags")}
+    assert data.params["train.precision"] == "fp32"  # what was asked for; the precision tag, what it resolved to
 
     # Run again (dvc repro -f, or a kill after training before DVC recorded it): nothing is trained
     # again, the outputs are the same and the MLflow run is the same one, FINISHED.

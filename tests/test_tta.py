@@ -48,11 +48,13 @@ def test_flip_translate_adds_one_pixel_shifts_with_reflection_at_half_weight() -
 def test_a_mirror_symmetric_model_gains_nothing_from_flips() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    with torch.no_grad():
-        conv.weight.copy_(0.5 * (conv.weight + conv.weight.flip(-1)))  # mirror-symmetric filters
     model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
+        # Asymmetric filters see a mirror image otherwise: flipping changes the answer...
+        assert not torch.allclose(tta_logits(model, x, "flip"), model(x), atol=1e-4)
+        conv.weight.copy_(0.5 * (conv.weight + conv.weight.flip(-1)))  # mirror-symmetric filters
+        # ... symmetric ones do not (global pooling makes the network mirror-invariant).
         torch.testing.assert_close(tta_logits(model, x, "flip"), model(x))
 
 
@@ -66,7 +68,8 @@ def test_unknown_modes_are_refused() -> None:
 
 @pytest.mark.parametrize("tta", ["flip", "flip_translate"])
 def test_training_validates_and_records_its_tta_and_evaluate_reproduces_it(tmp_path, tta: str) -> None:
-    params = make_params({**TINY_MODEL, "tta": tta}, epochs=1)
+    # fp32 and no warm-up whatever params.yaml's recipe: evaluate below runs in fp32, for one epoch.
+    params = make_params({**TINY_MODEL, "tta": tta}, epochs=1, warmup_epochs=0, precision="fp32", eval_every=1)
     meta = make_meta()
     train, val = make_loaders(params, meta)
     result = fit(params, meta, train, val, tmp_path)

@@ -4,7 +4,8 @@ A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts (ten
 numbers, strings, lists, dicts), so loading one never runs pickled code. Keys:
 
     version      CHECKPOINT_VERSION
-    arch         {"name", "num_classes", "in_channels", "options"}: what build_model takes
+    arch         {"name", "num_classes", "in_channels", "options"}: what build_model takes;
+                 "tta": model.tta, how the model predicts (absent in older ones: none, resnet.tta)
     model        the model's state_dict
     classes      class names, index = label
     mean, std    per-channel normalisation (0..1 scale) the model was trained with
@@ -12,6 +13,8 @@ numbers, strings, lists, dicts), so loading one never runs pickled code. Keys:
     params       the whole validated params.yaml as a nested dict
     epoch        epochs completed
     ... and, for resumable checkpoints, optimizer / scheduler / scaler / rng / history.
+    ema          with train.ema on: ``model`` is the average, this the training weights and
+                 the average's counters (resnet.ema); absent otherwise
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ __all__ = [
     "DataParams",
     "ModelParams",
     "AugmentParams",
+    "EmaParams",
     "TrainParams",
     "ValidateParams",
     "EvaluateParams",
@@ -126,6 +127,20 @@ class AugmentParams:
 
 
 @dataclass
+class EmaParams:
+    """`train.ema`: an exponential moving average of the weights, validated and saved instead of them (resnet.ema)."""
+
+    # Weight of the old average at each update; 0 = off (the training weights are saved).
+    decay: float = _opt(ge=0.0, lt=1.0)
+    # Optimizer steps between updates (each is one pass over the weights).
+    every: int = _opt(ge=1, le=100000)
+    # Decay min(decay, (1 + n) / (10 + n)) after n updates: early averages forget the initial weights.
+    warmup: bool = _opt()
+    # Copy the average back into the training weights after each update (Lookahead, airbench).
+    lookahead: bool = _opt()
+
+
+@dataclass
 class TrainParams:
     """`train` section: the recipe."""
 
@@ -149,7 +164,7 @@ class TrainParams:
     label_smoothing: float = _opt(ge=0.0, lt=1.0)
     # Clip the global gradient norm to this value (null = no clipping).
     grad_clip: float | None = _opt(gt=0.0)
-    precision: str = _opt(choices=("fp32", "bf16", "fp16"))
+    precision: str = _opt(choices=("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = _opt()
     compile: bool = _opt()
     seed: int = _opt(ge=0)
@@ -161,6 +176,7 @@ class TrainParams:
     # Stop after this many evaluations without improvement (0 = never stop early).
     early_stopping_patience: int = _opt(ge=0)
     augment: AugmentParams = _section()
+    ema: EmaParams = _section()
 
 
 @dataclass
@@ -365,6 +381,11 @@ def _check_schedule(t: TrainParams) -> None:
         )
     if t.warmup_epochs >= t.epochs:
         raise ConfigError(f"train.warmup_epochs: {t.warmup_epochs} must be below train.epochs ({t.epochs})")
+    if t.ema.lookahead and t.ema.decay == 0:
+        raise ConfigError(
+            "train.ema.lookahead: true needs train.ema.decay > 0 (it is 0.0, no average to look ahead with); "
+            "set a decay such as 0.9, or lookahead: false"
+        )
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
         raise ConfigError(
             "train.nesterov: true needs train.momentum > 0 (it is 0.0); set a momentum such as 0.9, or nesterov: false"
@@ -384,14 +405,19 @@ def _check_model(p: Params) -> None:
     """Build the model on torch's meta device (no memory, no compute) to catch what only building shows."""
     import torch
 
-    from resnet.models import ARCHITECTURES, build_model, narrow_strided_convs
+    from resnet.models import ARCHITECTURES, FAMILY_STEMS, build_model, narrow_strided_convs
 
     m = p.model
     family = ARCHITECTURES[m.name].family
     if family == "cifar" and m.stem not in (None, "cifar"):
         raise ConfigError(
             f"model.stem: {m.stem!r} does not apply to {m.name}, a CIFAR-family model with a fixed "
-            "3x3 stem; set model.stem: null (stems are for resnet18/34/50/101/152)"
+            "3x3 stem; set model.stem: null (stems are for resnet18/34/50/101/152 and resnet9)"
+        )
+    if m.stem is not None and m.stem not in FAMILY_STEMS[family]:
+        raise ConfigError(
+            f"model.stem: {m.stem!r} does not apply to {m.name}; choose one of {list(FAMILY_STEMS[family])} "
+            f"or null ({FAMILY_STEMS[family][0]})"
         )
     if m.freeze_backbone and not m.pretrained:
         raise ConfigError("model.freeze_backbone: true needs model.pretrained (a checkpoint path) to start from")

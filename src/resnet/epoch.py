@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from resnet.distributed import all_reduce_max, all_reduce_sum
+from resnet.ema import WeightAverage
 from resnet.loader import DeviceLoader
 from resnet.runtime import autocast
 from resnet.utils import PipelineError, progress_enabled
@@ -43,12 +44,14 @@ def train_one_epoch(
     grad_clip: float | None = None,
     epoch: int = 0,
     epochs: int = 1,
+    ema: WeightAverage | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``: an optimizer step (schedule included) every ``loader.accumulation`` batches.
 
     ``model`` may be a DistributedDataParallel module: its gradients are then averaged over
     the processes at each step's last micro-batch only, and the epoch's figures are sums
-    over every process. The caller sets train mode.
+    over every process. The caller sets train mode. ``ema``, an average of the plain
+    module's weights, counts every optimizer step (and updates every ``ema.every``).
     Returns loss, accuracy, images, seconds, images_per_sec (all processes) and lr (of the last step).
     Raises TrainingError when the loss turns NaN or infinite in any process.
     """
@@ -73,6 +76,8 @@ def train_one_epoch(
             scaler.scale(loss * (1.0 / accumulation) if accumulation > 1 else loss).backward()
         if stepping:
             lr = _optimizer_step(params, optimizer, scheduler, scaler, grad_clip)
+            if ema is not None:
+                ema.step()  # on the device, no sync
         tally.add(step, loss, logits, y)
         bar.update(1)
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:

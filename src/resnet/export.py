@@ -94,6 +94,7 @@ def _with_metadata(onnx_bytes: bytes, ckpt: dict[str, Any], digest: str) -> byte
         "mean": json.dumps(list(ckpt["mean"])),
         "std": json.dumps(list(ckpt["std"])),
         "checkpoint_sha256": digest,
+        "tta": checkpoint_tta(ckpt),  # the graph includes it (_portable)
         "input": "images: float32 (N, H, W, C) pixels 0..255 at image_size; output probabilities (N, classes)",
     }
     for key, value in meta.items():

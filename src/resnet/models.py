@@ -37,6 +37,7 @@ __all__ = [
     "ArchSpec",
     "ARCHITECTURES",
     "STEMS",
+    "FAMILY_STEMS",
     "narrow_strided_convs",
     "SHORTCUTS",
     "list_models",
@@ -46,7 +47,7 @@ __all__ = [
 
 STEMS = ("imagenet", "cifar", "whiten")
 #: The stems each family accepts; the first is its default.
-_FAMILY_STEMS = {"imagenet": ("imagenet", "cifar"), "cifar": ("cifar",), "resnet9": ("whiten", "cifar")}
+FAMILY_STEMS = {"imagenet": ("imagenet", "cifar"), "cifar": ("cifar",), "resnet9": ("whiten", "cifar")}
 SHORTCUTS = ("A", "B")
 
 
@@ -337,7 +338,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
     width_multiplier = options.get("width_multiplier", 1.0)
     zero_init_residual = options.get("zero_init_residual", False)
 
-    allowed_stems = _FAMILY_STEMS[spec.family]
+    allowed_stems = FAMILY_STEMS[spec.family]
     stem = _choice("stem", stem or allowed_stems[0], allowed_stems)
     _choice("shortcut", shortcut, SHORTCUTS)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:

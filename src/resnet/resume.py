@@ -7,6 +7,8 @@ A training checkpoint (models/last.pt) holds, besides the weights and what
   stopping counters, the caller's ``extra``), written by :meth:`TrainState.to_checkpoint`
   and read back by :meth:`TrainState.from_checkpoint`;
 * optimizer, scheduler and scaler state dicts, and every RNG (:func:`rng_state`);
+* with ``train.ema`` on, ``model`` is the average and ``ema`` the training weights and
+  the average's counters (:mod:`resnet.ema`);
 * the :func:`fingerprint` of the recipe and the data: a resume must match it.
 
 A resumed run on CPU reproduces an uninterrupted one bit for bit: the loader derives
@@ -102,6 +104,8 @@ def _recipe(params: Params) -> dict[str, Any]:
     BatchNorm statistics then come from other shares of the batch, as from another device's
     arithmetic: the run goes on, not bit for bit."""
     train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in (*RUNTIME_KEYS, "batch_size")}
+    if params.train.ema.decay == 0:  # off: the recipe of checkpoints from before train.ema, which resume as they did
+        del train["ema"]
     return {"model": dataclasses.asdict(params.model), "train": train, "global_batch": params.global_batch}
 
 

@@ -97,6 +97,7 @@ class SplitEvaluation:
     epoch: int | None
     classes: list[str]
     images: np.ndarray  # the split's uint8 images, for the misclassified grid
+    tta: str = "none"  # the checkpoint's test-time augmentation (model.tta) the figures were measured with
 
     def metrics(self, prefix: str) -> dict[str, Any]:
         """The metrics JSON: prefixed numbers plus which checkpoint they describe.
@@ -109,6 +110,8 @@ class SplitEvaluation:
             # Every name prefixed, as in the MLflow run, where val and test results sit side by side.
             f"{prefix}_checkpoint": str(self.checkpoint),
             f"{prefix}_checkpoint_epoch": self.epoch,
+            # How the figures were predicted: the registered model predicts the same way (resnet.tta).
+            f"{prefix}_tta": self.tta,
             f"{prefix}_num_images": self.result.num_images,
             f"{prefix}_num_classes": self.result.num_classes,
             # The accuracy of always answering the split's commonest class: what "learned nothing" scores.
@@ -119,10 +122,14 @@ class SplitEvaluation:
 def trained_with(ckpt: dict[str, Any], device: torch.device) -> tuple[str, bool]:
     """(precision, channels_last) of the checkpoint's training run, as its per-epoch validation used them on ``device``.
 
-    A checkpoint without params (not written by training) is evaluated in fp32, NCHW.
+    The precision training resolved and stored (train.precision ``auto`` depends on the
+    machine), else the params' (checkpoints from before it was stored), as it resolves on
+    ``device``: a GPU run's fp16 is fp32 on a CPU. A checkpoint without params (not written
+    by training) is evaluated in fp32, NCHW.
     """
     train = ckpt.get("params", {}).get("train", {})
-    return resolve_precision(train.get("precision", "fp32"), device), bool(train.get("channels_last", False))
+    trained = ckpt.get("precision") or train.get("precision", "fp32")
+    return resolve_precision(trained, device), bool(train.get("channels_last", False))
 
 
 def evaluate_checkpoint(
@@ -136,8 +143,9 @@ def evaluate_checkpoint(
 ) -> SplitEvaluation:
     """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised, and computed, as in training.
 
-    The precision and memory format are those the training run validated in (:func:`trained_with`),
-    so on the validation split this reproduces the val_* numbers training recorded for that epoch.
+    The precision, memory format and test-time augmentation are those the training run validated
+    in (:func:`trained_with`, :func:`resnet.tta.checkpoint_tta`), so on the validation split this
+    reproduces the val_* numbers training recorded for that epoch.
 
     Raises CheckpointError, EvaluationError or resnet.data.errors.DataError with a message
     that names the bad file or value and the fix.
@@ -151,7 +159,7 @@ def evaluate_checkpoint(
         if isinstance(e, EvaluationError):
             raise
         raise EvaluationError(f"cannot evaluate {checkpoint} on {data_dir}/{split}: {e}") from e
-    n, epoch = len(images), ckpt.get("epoch")
+    n, epoch, tta = len(images), ckpt.get("epoch"), checkpoint_tta(ckpt)
     log.info(
         "evaluating %s (epoch %s) on %d %s images on %s, precision %s, test-time augmentation %s",
         checkpoint,
@@ -160,9 +168,8 @@ def evaluate_checkpoint(
         split,
         device,
         precision,
-        checkpoint_tta(ckpt),
+        tta,
     )
-    tta = checkpoint_tta(ckpt)
     result = evaluate(model, loader, len(classes), device=device, precision=precision, tta=tta)
     log.info("%s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in result.flat_metrics().items()))
     bad = {k: v for k, v in result.flat_metrics(split).items() if not np.isfinite(v)}
@@ -171,7 +178,7 @@ def evaluate_checkpoint(
             f"{checkpoint} gives non-finite metrics on {split} ({_short(sorted(bad))}): the model diverged; "
             "lower train.lr or check the data, then retrain (dvc repro train)"
         )
-    return SplitEvaluation(result, checkpoint, epoch, classes, images)
+    return SplitEvaluation(result, checkpoint, epoch, classes, images, tta)
 
 
 def _load_for_split(

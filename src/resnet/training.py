@@ -5,7 +5,8 @@ schedule, grad scaler, loss); :class:`EarlyStopping`;
 the :class:`Trainer`, whose named steps (train an epoch, validate, save the
 checkpoints) act on one :class:`~resnet.resume.TrainState`; and :func:`fit`, the
 loop on one screen. Elsewhere: one epoch's steps in :mod:`resnet.epoch`, the
-optimizer and schedule in :mod:`resnet.optim`,
+optimizer and schedule in :mod:`resnet.optim`, the moving average of the weights
+(validated and saved instead of them when ``train.ema`` is on) in :mod:`resnet.ema`,
 device and precision in :mod:`resnet.runtime`, what makes resuming exact
 (TrainState, RNG states, the fingerprint) in :mod:`resnet.resume`, and validation is
 :func:`resnet.evaluation.evaluate`, the very function the validate stage runs, so
@@ -45,6 +46,7 @@ from torch import nn
 from resnet.checkpoint import freeze_batchnorm_if_frozen, load_pretrained, save_checkpoint
 from resnet.config import Params, TrainParams
 from resnet.distributed import World, all_reduce_sum, convert_sync_batchnorm, wrap_model
+from resnet.ema import WeightAverage, build_average, checkpoint_weights, load_checkpoint_weights
 from resnet.epoch import TrainingError, train_one_epoch
 from resnet.evaluation import evaluate
 from resnet.fastnet import ResNet9, init_whitening
@@ -91,7 +93,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 class TrainResult:
     """What :func:`fit` returns. Counts and times include epochs run before a resume."""
 
-    model: nn.Module  # the network with the last epoch's weights, on the training device
+    model: nn.Module  # the network with the last epoch's weights (their average with train.ema), on the device
     history: list[dict[str, float]]  # one metrics dict per epoch (keys: HISTORY_FIELDS)
     epochs_completed: int
     best_epoch: int  # epoch of models/best.pt (1-based)
@@ -102,7 +104,7 @@ class TrainResult:
     train_seconds: float  # sum of epoch_seconds
     images_per_sec: float  # over all epochs' training loops
     device: str
-    precision: str  # the precision actually used (bf16/fp16 fall back to fp32 on CPU)
+    precision: str  # the precision computed in: train.precision as resolve_precision resolved it (fp32/bf16/fp16)
     best_path: Path
     last_path: Path
 
@@ -145,11 +147,17 @@ class TrainingParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     criterion: nn.Module
+    ema: WeightAverage | None = None  # train.ema's average of model's weights
+
+    @property
+    def checkpointed(self) -> nn.Module:
+        """The network validated and saved as the checkpoint's model: the average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint keys model, optimizer, scheduler and scaler (None unless fp16 uses one)."""
+        """The checkpoint keys model and ema (resnet.ema), optimizer, scheduler and scaler (None unless fp16)."""
         return {
-            "model": self.model.state_dict(),
+            **checkpoint_weights(self.model, self.ema),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -157,7 +165,7 @@ class TrainingParts:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        self.model.load_state_dict(ckpt["model"])
+        load_checkpoint_weights(self.model, self.ema, ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:
@@ -276,6 +284,8 @@ class Trainer:
         # state. Training only: validation runs the plain module, a second compiled graph would cost
         # more than it saves.
         self.forward = wrap_model(self.parts.model, self.device)
+        # After DDP's broadcast of rank 0's weights: every process averages the same ones.
+        self.parts.ema = build_average(self.parts.model, self.tp.ema)
         if self.tp.compile:
             self.forward = torch.compile(self.forward)
 
@@ -291,7 +301,7 @@ class Trainer:
         loader = self.train_loader
         log.info(
             "%s: %d trainable parameters, %d steps/epoch, global batch %d (%d x %d processes x %d accumulation "
-            "steps), %s, precision %s, %s%s",
+            "steps), %s, precision %s%s, %s%s",
             self.params.model.name,
             trainable,
             loader.steps,
@@ -301,6 +311,7 @@ class Trainer:
             loader.accumulation,
             f"resuming at epoch {state.epoch + 1}" if resume else "fresh start",
             self.precision,
+            f" (train.precision {self.tp.precision})" if self.tp.precision != self.precision else "",
             self.device,
             ", torch.compile (the first steps are slow)" if self.tp.compile else "",
         )
@@ -323,6 +334,7 @@ class Trainer:
             grad_clip=self.tp.grad_clip,
             epoch=epoch,
             epochs=self.tp.epochs,
+            ema=p.ema,
         )
 
     def validation_due(self, epoch: int) -> bool:
@@ -336,7 +348,7 @@ class Trainer:
         the sums are added up: the figures of one process evaluating all of it.
         """
         result = evaluate(
-            self.parts.model,
+            self.parts.checkpointed,
             self.val_loader,
             len(self.meta["classes"]),
             precision=self.precision,
@@ -383,6 +395,8 @@ class Trainer:
             "std": list(meta["std"]),
             "image_size": list(meta["image_size"]),
             "params": dataclasses.asdict(self.params),
+            # What train.precision resolved to (auto: per machine): validate and evaluate compute in it.
+            "precision": self.precision,
             **self.parts.state_dict(),
             **state.to_checkpoint(),
             "rng": rng_state(),
@@ -405,7 +419,7 @@ class Trainer:
             raise TrainingError(f"training ended without a validation pass; delete {self.last_path} and rerun")
         history = state.history
         return TrainResult(
-            model=self.parts.model,
+            model=self.parts.checkpointed,
             history=history,
             epochs_completed=len(history),
             best_epoch=state.best_epoch,
@@ -471,6 +485,17 @@ def fit(
     # training completed again (nothing left to train) reports the same as the first time.
     finished = resume is not None and (resume["stopped_early"] or resume["epoch"] >= params.train.epochs)
     resumed_from = (resume.get("extra") or {}).get("resumed_from") if finished else (resume or {}).get("epoch")
+    trained_in = (resume or {}).get("precision", trainer.precision)
+    if trained_in != trainer.precision:  # train.precision auto, resolved on another machine
+        if finished:  # nothing left to train: the result says what it was trained in
+            trainer.precision = trained_in
+        else:
+            log.warning(
+                "the checkpoint was trained in %s; it resumes in %s here (train.precision %s)",
+                trained_in,
+                trainer.precision,
+                params.train.precision,
+            )
     state = trainer.start(resume, {**(extra or {}), "resumed_from": resumed_from})
     # A checkpoint of a finished training (resnet.resume.find_resume_checkpoint) trains no further.
     for epoch in range(params.train.epochs if state.stopped_early else state.epoch, params.train.epochs):

@@ -7,7 +7,8 @@ stages, the registered pyfunc model and its ONNX export all predict the same way
 * ``none``: the model's logits.
 * ``flip``: the mean of the logits of the image and of its mirror image. Training
   flips images at random, so the network has learnt both and their average is a
-  better estimate than either (about +0.5 to +1.5 points on CIFAR-10 for short runs).
+  better estimate than either (+0.45 and +0.88 points in two 10-epoch resnet9 runs:
+  benchmarks/results/fast-recipe-2026-12-04/).
 * ``flip_translate``: half the flip logits, plus half the mean of the flip logits of
   the image shifted by one pixel down-right and up-left (reflect-padded), as Keller
   Jordan's airbench evaluates (its "tta_level 2"). Six forward passes per image.

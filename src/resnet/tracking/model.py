@@ -223,7 +223,12 @@ def _log_pyfunc(checkpoint_path: str | Path, ckpt: dict[str, Any], example: np.n
         signature=_signature(ckpt),
         input_example=example,
         model_config=DEFAULT_CONFIG,
-        metadata={"input": INPUT_CONTRACT, "classes": list(ckpt["classes"]), "image_size": ckpt.get("image_size")},
+        metadata={
+            "input": INPUT_CONTRACT,
+            "classes": list(ckpt["classes"]),
+            "image_size": ckpt.get("image_size"),
+            "tta": checkpoint_tta(ckpt),  # how it predicts (model.tta), as evaluate measured it
+        },
         # Pinned explicitly: inferring requirements starts a subprocess that loads the model.
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",

@@ -32,10 +32,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from resnet.checkpoint import load_checkpoint
+from resnet.ema import describe_weights
 from resnet.tracking.lineage import link_model_figures
 from resnet.tracking.model import log_model
 from resnet.tracking.runs import PipelineRun
 from resnet.tracking.store import TrackingError, store_lock
+from resnet.tta import checkpoint_tta
 
 __all__ = ["CHAMPION", "CHALLENGER", "check_registrable", "check_above_chance", "register_model", "register_checkpoint"]
 
@@ -45,6 +48,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 EXCLUDED_TAG = "exclude_from_champion"  # "true": never made champion (a retired or suspect version)
 CHECKPOINT_TAG = "checkpoint.sha256"
+TTA_TAG = "tta"  # the checkpoint's test-time augmentation (model.tta): how the version predicts
+WEIGHTS_TAG = "weights"  # raw, or the moving average (train.ema) the checkpoint's weights are
 # One-sided binomial test at p < 0.01 for "better than always answering the commonest class".
 CHANCE_Z = 2.326
 
@@ -185,7 +190,8 @@ def _description(run: PipelineRun, metric: str, metrics: dict[str, float]) -> st
     batch = t.get("train.global_batch", p.get("train.batch_size"))
     recipe = (
         f"{p.get('model.name')} trained {p.get('train.epochs')} epochs: {p.get('train.optimizer')} lr "
-        f"{p.get('train.lr')}, {p.get('train.schedule')} schedule, batch {batch}, {p.get('train.precision')}"
+        f"{p.get('train.lr')}, {p.get('train.schedule')} schedule, batch {batch}, {p.get('train.precision')}, "
+        f"test-time augmentation {p.get('model.tta', 'none')}"
     )
     source = t.get("dataset.source", "unknown")
     data = (
@@ -294,8 +300,11 @@ def register_checkpoint(
 
     A rerun for the same run and checkpoint (register killed after registering, or
     register.metric changed) reuses that version and only decides the aliases again.
-    ``tags``: more version tags (the register stage's ONNX check). ``meta``: the prepared
-    data's meta.json; the logged model's figures (the run's ``metrics``) are linked to it.
+    ``tags``: more version tags (the register stage's ONNX check); the version is also tagged
+    with the checkpoint's digest, its test-time augmentation (``tta``) and what its weights are
+    (``weights``: ``raw``, or ``ema(decay=..., every=..., ...)`` from resnet.ema.describe_weights).
+    ``meta``: the prepared data's meta.json; the logged model's figures (the run's ``metrics``)
+    are linked to it.
     """
     check_registrable(metrics, metric)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
@@ -307,6 +316,9 @@ def register_checkpoint(
         model_id = _logged_model_id(model_uri)
         if meta is not None and model_id is not None:
             link_model_figures(run.run_id, model_id, list(metrics), meta)
-        return register_model(run, model_uri, name, metric, metrics, {**(tags or {}), CHECKPOINT_TAG: digest})
+        ckpt = load_checkpoint(checkpoint, map_location="cpu")
+        weights = {TTA_TAG: checkpoint_tta(ckpt), WEIGHTS_TAG: describe_weights(ckpt)}
+        version_tags = {**(tags or {}), CHECKPOINT_TAG: digest, **weights}
+        return register_model(run, model_uri, name, metric, metrics, version_tags)
     log.info("run %s registered this checkpoint as %s v%s already: not again", run.run_id, name, existing.version)
     return _register(client, run, name, metric, float(metrics[metric]), lambda: int(existing.version))

@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from resnet import paths
 from resnet.config import Params, to_flat_dict
+from resnet.runtime import cpu_info, cpu_summary, resolve_precision
 from resnet.tracking.lineage import log_dataset
 from resnet.tracking.store import TrackingError, logging_failure, setup
 from resnet.utils import PipelineError, interrupts_deferred, read_handover_json, repo_root, write_json
@@ -68,12 +69,8 @@ def device_description(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    model = cpu_info()[0]
+    cpu = model if model != "unknown" else platform.machine() or model
     return f"cpu: {cpu} ({os.cpu_count()} cores)"
 
 
@@ -120,6 +117,7 @@ def _provenance_tags(meta: dict[str, Any], device: torch.device | str) -> dict[s
         "dataset.source": str(meta.get("source", "unknown")),
         "device": device_description(device),
         "torch.version": torch.__version__,
+        **cpu_summary(),  # the CPU's model and flags: what train.precision auto decided on
     }
     tags["git.dirty"] = "true" if dirty else "false"
     if dirty:  # which files, so a reader can tell a stray edit from a change of method
@@ -316,6 +314,8 @@ def start_run(
     else:
         run_id = _reusable_run(Path(run_file), params)
     tags = _provenance_tags(meta, device)
+    # What train.precision (auto, say) resolves to here: fit resolves it alike, and warns.
+    tags["precision"] = resolve_precision(params.train.precision, torch.device(device), warn=False)
     run_name = _run_name(params, tags["git.commit"], tags["git.dirty"] == "true")
     system = params.tracking.system_metrics
     if system:  # system/* metrics from a thread while the run is active (the training only)
