@@ -55,7 +55,8 @@ STAGE = ROOT / "stages" / "train.py"
 PINNED_MODEL = {"width_multiplier": 1.0, "stem": None, "tta": "none"}
 TINY_MODEL = {"name": "resnet20", "width_multiplier": 0.25}
 #: The tests' changes to params.yaml's recipe (pinned, so they do not follow the default recipe): tiny batches,
-#: plain SGD settings, validation every epoch, no augmentation, no label smoothing, one thread, fp32, and NCHW (the tiny model's 4- and 8-channel 1x1 stride-2 convolutions refuse channels_last on CPU).
+#: plain SGD settings, validation every epoch, no augmentation, no label smoothing, one thread, fp32, and NCHW
+#: (the tiny model's 4- and 8-channel 1x1 stride-2 convolutions refuse channels_last on CPU).
 TEST_RECIPE = {
     "epochs": 2,
     "batch_size": 32,
