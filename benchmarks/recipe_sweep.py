@@ -51,6 +51,14 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
+def load_inputs(params: str, variants: str, prepared: str) -> tuple[dict, dict, dict, dict]:
+    """The base params mapping, the variants file ({name: overrides}), meta.json and the three splits."""
+    base = yaml.safe_load(Path(params).read_text())
+    named = yaml.safe_load(Path(variants).read_text())
+    splits = {s: load_split(prepared, s) for s in ("train", "val", "test")}
+    return base, named, load_meta(prepared), splits
+
+
 @torch.inference_mode()
 def test_accuracy(model: torch.nn.Module, loader: DeviceLoader, precision: str) -> tuple[float, float]:
     """Top-1 test accuracy, plain and with the mean of the image's and its mirror's logits."""
@@ -76,10 +84,7 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
 
-    base = yaml.safe_load(Path(args.params).read_text())
-    variants = yaml.safe_load(Path(args.sweep).read_text())
-    meta = load_meta(args.prepared)
-    splits = {s: load_split(args.prepared, s) for s in ("train", "val", "test")}
+    base, variants, meta, splits = load_inputs(args.params, args.sweep, args.prepared)
     out = Path(args.out)
     machine = None
     for name, overrides in variants.items():

@@ -29,16 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from bench_loader import RESULTS, machine_info
-from recipe_sweep import apply_overrides
+from recipe_sweep import apply_overrides, load_inputs
 
 from resnet.checkpoint import load_checkpoint, model_from_checkpoint
 from resnet.config import parse_params
-from resnet.data.store import load_meta, load_split
 from resnet.evaluation import evaluate
 from resnet.loader import DeviceLoader
-from resnet.runtime import configure_torch, cpu_info, keep_freed_memory
+from resnet.runtime import configure_torch, cpu_summary, keep_freed_memory
 from resnet.utils import setup_logging
 
 
@@ -149,13 +147,9 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
 
-    base = yaml.safe_load(Path(args.params).read_text())
-    recipes = yaml.safe_load(Path(args.recipes).read_text())
-    meta = load_meta(args.prepared)
-    splits = {s: load_split(args.prepared, s) for s in ("train", "val", "test")}
+    base, recipes, meta, splits = load_inputs(args.params, args.recipes, args.prepared)
     machine = machine_info(torch.device(args.device or "cpu"))
-    model_name, flags = cpu_info()
-    machine["cpu_flags"] = " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))))
+    machine["cpu_flags"] = cpu_summary()["cpu.flags"]
     command = " ".join(["python", *sys.argv])
     print(f"machine: {machine}\ncommand: {command}", flush=True)
     keep_freed_memory()  # as stages/train.py does

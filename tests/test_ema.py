@@ -12,12 +12,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from test_training import (
+from test_training import (  # one_thread: test_training's autouse fixture, one CPU thread here too
+    count_host_reads,
     interrupt_after,
     load_stage_module,
     make_loaders,
     make_meta,
     make_params,
+    one_thread,  # noqa: F401
     quadrant_task,
     write_stage_inputs,
 )
@@ -33,14 +35,6 @@ from resnet.loader import DeviceLoader
 from resnet.optim import build_optimizer, build_scheduler
 from resnet.resume import find_resume_checkpoint, fingerprint
 from resnet.training import create_model, fit
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def recipe(**train: object) -> Params:
@@ -183,15 +177,7 @@ def test_the_epoch_loop_updates_the_average_without_reading_the_device(monkeypat
     ema = WeightAverage(model, decay=0.9, every=2, warmup=True)
     opt = build_optimizer(model, params.train)
     sched = build_scheduler(opt, params.train, len(loader))
-    reads = {"n": 0}
-    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _original=original, **kwargs):
-            reads["n"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
+    reads = count_host_reads(monkeypatch)
     train_one_epoch(
         model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), ema=ema
     )

@@ -457,14 +457,8 @@ def test_non_finite_loss_raises_training_error(tmp_path: Path, cause: str) -> No
     assert not (tmp_path / "last.pt").exists()  # a diverged epoch is never checkpointed
 
 
-def test_train_loop_does_not_sync_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Host reads (.item(), bool(), float(), int()) happen a handful of times per epoch, not per batch."""
-    params, meta = make_params(batch_size=4, grad_clip=1.0), make_meta(size=8)
-    loader = DeviceLoader(*quadrant_task(240, 8), 4, mean=meta["mean"], std=meta["std"], train=True)
-    model = create_model(params, meta)
-    model.train()
-    opt = build_optimizer(model, params.train)
-    sched = build_scheduler(opt, params.train, len(loader))
+def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count host reads of tensors (.item(), bool(), float(), int(), .tolist()) until monkeypatch.undo()."""
     reads = {"n": 0}
     for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
         original = getattr(torch.Tensor, name)
@@ -474,6 +468,18 @@ def test_train_loop_does_not_sync_every_step(monkeypatch: pytest.MonkeyPatch) ->
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads
+
+
+def test_train_loop_does_not_sync_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host reads (.item(), bool(), float(), int()) happen a handful of times per epoch, not per batch."""
+    params, meta = make_params(batch_size=4, grad_clip=1.0), make_meta(size=8)
+    loader = DeviceLoader(*quadrant_task(240, 8), 4, mean=meta["mean"], std=meta["std"], train=True)
+    model = create_model(params, meta)
+    model.train()
+    opt = build_optimizer(model, params.train)
+    sched = build_scheduler(opt, params.train, len(loader))
+    reads = count_host_reads(monkeypatch)
     out = train_one_epoch(
         model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), grad_clip=1.0
     )
