@@ -317,6 +317,22 @@ class Trainer:
         )
         return state
 
+    def reconcile_precision(self, resume: dict[str, Any] | None, finished: bool) -> None:
+        """A checkpoint trained in another precision (train.precision auto on another machine):
+        a finished one reports what it was trained in; an unfinished one resumes in this machine's, with a warning."""
+        trained_in = (resume or {}).get("precision", self.precision)
+        if trained_in == self.precision:
+            return
+        if finished:
+            self.precision = trained_in
+            return
+        log.warning(
+            "the checkpoint was trained in %s; it resumes in %s here (train.precision %s)",
+            trained_in,
+            self.precision,
+            self.tp.precision,
+        )
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train epoch ``epoch`` (0-based); :func:`train_one_epoch`'s numbers."""
         self.train_loader.set_epoch(epoch)
@@ -485,17 +501,7 @@ def fit(
     # training completed again (nothing left to train) reports the same as the first time.
     finished = resume is not None and (resume["stopped_early"] or resume["epoch"] >= params.train.epochs)
     resumed_from = (resume.get("extra") or {}).get("resumed_from") if finished else (resume or {}).get("epoch")
-    trained_in = (resume or {}).get("precision", trainer.precision)
-    if trained_in != trainer.precision:  # train.precision auto, resolved on another machine
-        if finished:  # nothing left to train: the result says what it was trained in
-            trainer.precision = trained_in
-        else:
-            log.warning(
-                "the checkpoint was trained in %s; it resumes in %s here (train.precision %s)",
-                trained_in,
-                trainer.precision,
-                params.train.precision,
-            )
+    trainer.reconcile_precision(resume, finished)
     state = trainer.start(resume, {**(extra or {}), "resumed_from": resumed_from})
     # A checkpoint of a finished training (resnet.resume.find_resume_checkpoint) trains no further.
     for epoch in range(params.train.epochs if state.stopped_early else state.epoch, params.train.epochs):
