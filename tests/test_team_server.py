@@ -319,21 +319,29 @@ class Proxy:
         self.target, self.port = target, _free_port()
         self.conns: list[socket.socket] = []
         self.listener: socket.socket | None = None
+        self.lock = threading.Lock()
         self.restore()
 
     def restore(self) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", self.port))
-        self.listener.listen(64)
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        with self.lock:
+            self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
         assert self.listener is not None
-        self.listener.close()
-        for c in self.conns:
-            with_suppressed(c.close)
-        self.conns.clear()
+        with self.lock:
+            listener, self.listener = self.listener, None
+            conns, self.conns = self.conns, []
+        # close() alone does not wake a thread blocked in accept() or recv() on Linux: the listener
+        # would still take the next connection, and an open one would keep relaying (the client's
+        # keep-alive session reaching the server after the "cut"). shutdown() ends both at once.
+        for sock in (listener, *conns):
+            with_suppressed(lambda sock=sock: sock.shutdown(socket.SHUT_RDWR))
+            sock.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -341,8 +349,12 @@ class Proxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
-            self.conns += [client, upstream]
+            with self.lock:
+                if self.listener is not listener:  # cut while this connection was being accepted
+                    client.close()
+                    return
+                upstream = socket.create_connection(self.target)
+                self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
