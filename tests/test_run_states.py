@@ -126,6 +126,7 @@ def test_a_failed_register_fails_the_run_with_its_reason_and_a_rerun_finishes_it
     assert _stage("register", monkeypatch).main() == 0
     again = json.loads(paths.REGISTER_RESULT.read_text())
     assert again["version"] == first["version"] == 1 and again["alias"] == "champion"
+    assert again["reason"] == f"already the champion (test_accuracy {again['value']:.4f})"  # not "x > x"
     assert len(MlflowClient().search_model_versions(f"name='{first['model_name']}'")) == 1
 
 

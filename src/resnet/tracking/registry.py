@@ -189,7 +189,7 @@ def _description(run: PipelineRun, metric: str, metrics: dict[str, float]) -> st
     p, t = found.data.params, found.data.tags
     batch = t.get("train.global_batch", p.get("train.batch_size"))
     recipe = (
-        f"{p.get('model.name')} trained {p.get('train.epochs')} epochs: {p.get('train.optimizer')} lr "
+        f"{t.get('model', p.get('model.name'))} trained {p.get('train.epochs')} epochs: {p.get('train.optimizer')} lr "
         f"{p.get('train.lr')}, {p.get('train.schedule')} schedule, batch {batch}, {p.get('train.precision')}, "
         f"test-time augmentation {p.get('model.tta', 'none')}"
     )
@@ -254,7 +254,9 @@ def _decide(
     champion, champion_value = _settle_champion(client, name, metric)
     challenger = _settle_challenger(client, name, metric, champion)
     alias = CHAMPION if champion == version else CHALLENGER if challenger == version else None
-    if alias == CHAMPION:
+    if alias == CHAMPION and before == version:  # a rerun of the same registered checkpoint
+        reason = f"already the champion ({metric} {value:.4f})"
+    elif alias == CHAMPION:
         better = before is not None and before_value is not None
         reason = f"{metric} {value:.4f} > champion v{before}'s {before_value:.4f}" if better else "no champion yet"
     else:
