@@ -23,10 +23,11 @@ DATASET ?= imagefolder
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 # A named recipe (recipes/<name>.yaml, `python -m resnet.recipes` lists them) runs as a DVC
 # experiment with its params: make repro RECIPE=cpu-resnet20 [DATA_SOURCE=...]
+# SET="key=value ..." adds values over the recipe's (a weights file: tutorial-finetune).
 DATA_ARGS = $(if $(DATA_SOURCE),-S data.dataset=$(DATASET) -S data.source=$(DATA_SOURCE))
 repro: $(STAMP)
 ifdef RECIPE
-	export PATH="$(CURDIR)/$(BIN):$$PATH" && args="$$(python -m resnet.recipes $(RECIPE))" && \
+	export PATH="$(CURDIR)/$(BIN):$$PATH" && args="$$(python -m resnet.recipes $(RECIPE) $(SET))" && \
 	  eval "dvc exp run $$args $(DATA_ARGS) $(DVC_ARGS)"
 else ifdef DATA_SOURCE
 	$(RUN) $(BIN)/dvc exp run $(DATA_ARGS) $(DVC_ARGS)

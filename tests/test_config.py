@@ -86,7 +86,7 @@ def _with(section: str, key: str, value: object) -> dict:
         ("train", "lr", "fast", "train.lr"),
         ("train", "lr", -0.1, "train.lr"),
         ("train", "epochs", 2.5, "train.epochs"),
-        ("train", "optimizer", "adam", "['sgd', 'adamw']"),
+        ("train", "optimizer", "lamb", "['sgd', 'adam', 'adamw']"),
         ("train", "nesterov", "yes", "train.nesterov"),
         ("train", "precision", "fp8", "train.precision"),
         ("train", "device", "tpu", "train.device"),
@@ -127,6 +127,16 @@ def test_yaml_exponent_without_dot_is_read_as_a_number() -> None:
     assert parse_params(_with("train", "weight_decay", "5e-4")).train.weight_decay == pytest.approx(5e-4)
 
 
+# A one-stage custom network at full width (the default's x0.25 would narrow the layouts below).
+CUSTOM = {
+    "model.name": "custom",
+    "model.width_multiplier": 1.0,
+    "model.block": "basic",
+    "model.layers": [2],
+    "model.widths": [16],
+}
+
+
 @pytest.mark.parametrize(
     "changes,message",
     [
@@ -162,6 +172,25 @@ def test_yaml_exponent_without_dot_is_read_as_a_number() -> None:
             r"^train\.compile: true on CPU",
         ),
         ({"model.width_multiplier": 0.25, "model.name": "resnet20", "model.shortcut": "A"}, None),
+        # A custom network: its layout keys, and only with it.
+        ({"model.layers": [2, 2]}, r"^model\.layers: only describes model\.name: custom \(it is 'resnet9'\)"),
+        ({"model.name": "custom", "model.width_multiplier": 1.0}, r"^model: block=None is not valid"),
+        (
+            {"model.name": "custom", "model.block": "basic", "model.layers": [2, 2], "model.widths": [16]},
+            r"^model: layers \[2, 2\] and widths \[16\] must have one entry per stage",
+        ),
+        (
+            {**CUSTOM, "model.layers": [2, 2], "model.widths": [16, 32]},
+            None,
+        ),
+        (
+            {**CUSTOM, "model.stem": "whiten"},
+            r"^model\.stem: 'whiten' does not apply to custom; choose one of \['cifar', 'imagenet'\]",
+        ),
+        (
+            {**CUSTOM, "model.layers": [1, 1], "model.widths": [4, 8]},
+            r"^train\.channels_last: true on CPU cannot train this model: the 1x1 stride-2 convolution layer2",
+        ),
     ],
 )
 def test_cross_field_rules(changes: dict, message: str | None) -> None:

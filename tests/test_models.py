@@ -6,14 +6,23 @@ import pytest
 import torch
 import torchvision
 
-from resnet.models import ARCHITECTURES, BasicBlock, Bottleneck, ShortcutA, build_model, count_parameters, list_models
+from resnet.models import (
+    ARCHITECTURES,
+    BasicBlock,
+    Bottleneck,
+    ShortcutA,
+    build_model,
+    count_parameters,
+    describe_model,
+    list_models,
+)
 
 FOUR_STAGE = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 
 
 def test_list_models_names_every_architecture() -> None:
-    assert list_models() == FOUR_STAGE + CIFAR + ["resnet9"]
+    assert list_models() == FOUR_STAGE + CIFAR + ["resnet9", "custom"]
 
 
 @pytest.mark.parametrize("name", FOUR_STAGE)
@@ -169,3 +178,66 @@ def test_bad_names_and_options_raise_value_error_listing_choices(kwargs: dict, n
     with pytest.raises(ValueError, match=None) as info:
         build_model(**kwargs)
     assert needle in str(info.value)
+
+
+# --------------------------------------------------------------------------- custom networks
+
+
+@pytest.mark.parametrize("name,block", [("resnet18", "basic"), ("resnet50", "bottleneck")])
+def test_a_custom_network_with_a_named_layout_is_that_network(name: str, block: str) -> None:
+    """block, layers and widths describe the table's networks exactly: same modules, names and weights."""
+    spec = ARCHITECTURES[name]
+    options = {"block": block, "layers": list(spec.layers), "widths": list(spec.widths), "stem": "imagenet"}
+    torch.manual_seed(0)
+    named = build_model(name, num_classes=10).eval()
+    custom = build_model("custom", num_classes=10, **options).eval()
+    assert {k: v.shape for k, v in custom.state_dict().items()} == {k: v.shape for k, v in named.state_dict().items()}
+    custom.load_state_dict(named.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(custom(x), named(x))
+
+
+def test_a_two_stage_custom_network_has_the_layout_it_was_given() -> None:
+    model = build_model("custom", num_classes=10, block="basic", layers=[2, 2], widths=[16, 32])
+    assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, torch.nn.Identity)  # the small-image stem
+    assert [len(stage) for stage in model.stages()] == [2, 2]
+    assert [stage[0].conv1.out_channels for stage in model.stages()] == [16, 32]
+    assert [stage[0].conv1.stride for stage in model.stages()] == [(1, 1), (2, 2)]
+    assert model.fc.in_features == 32
+    # stem 16 + 4 blocks of two 3x3 convs (+ one 1x1 projection into the second stage) + the classifier
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 8 + 1
+    out = model(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 10)
+    features = model.forward_features(torch.randn(1, 3, 32, 32))
+    assert features.shape == (1, 32)
+
+
+def test_custom_networks_are_named_by_their_layout() -> None:
+    options = {"block": "bottleneck", "layers": [3, 4], "widths": [32, 64], "stem": "cifar"}
+    assert describe_model("custom", options) == "custom-bottleneck-3.4-32.64"
+    assert describe_model("resnet20", {"shortcut": "A"}) == "resnet20"
+
+
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"layers": [2], "widths": [16]}, "block=None"),
+        ({"block": "wide", "layers": [2], "widths": [16]}, "['basic', 'bottleneck']"),
+        ({"block": "basic", "layers": [2, 2], "widths": [16]}, "one entry per stage"),
+        ({"block": "basic", "layers": [], "widths": []}, "1 to 6 positive integers"),
+        ({"block": "basic", "layers": [2, 0], "widths": [16, 32]}, "layers=[2, 0]"),
+        ({"block": "basic", "layers": [1] * 7, "widths": [8] * 7}, "1 to 6"),
+        ({"block": "basic", "layers": [2], "widths": [16], "stem": "whiten"}, "['cifar', 'imagenet']"),
+    ],
+)
+def test_bad_custom_layouts_are_refused_naming_the_option(options: dict, needle: str) -> None:
+    with pytest.raises(ValueError) as info:
+        build_model("custom", num_classes=10, **options)
+    assert needle in str(info.value)
+
+
+def test_layout_options_belong_to_custom_networks_only() -> None:
+    with pytest.raises(ValueError, match=r"\['layers'\] only describe model 'custom'"):
+        build_model("resnet20", num_classes=10, layers=[3, 3, 3])

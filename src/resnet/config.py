@@ -19,7 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from resnet.models import MODEL_OPTIONS, SHORTCUTS, STEMS, list_models
+from resnet.models import BLOCKS, MODEL_OPTIONS, SHORTCUTS, STEMS, describe_model, list_models
 from resnet.tta import TTA_MODES
 from resnet.utils import PipelineError, flatten
 
@@ -108,11 +108,20 @@ class ModelParams:
     freeze_backbone: bool = _opt()
     # Test-time augmentation of every prediction (validation, test, the registered model): resnet.tta.
     tta: str = _opt(choices=TTA_MODES)
+    # Only with name: custom, a network of your own: block type, blocks per stage, stage widths.
+    block: str | None = _opt(choices=(None, *BLOCKS))
+    layers: list[int] = _opt()
+    widths: list[int] = _opt()
 
     def build_options(self) -> dict[str, Any]:
-        """The keyword options build_model takes."""
+        """The keyword options build_model takes (unset ones left out: build_model's defaults apply)."""
         opts = {k: getattr(self, k) for k in MODEL_OPTIONS}
-        return {k: v for k, v in opts.items() if v is not None}
+        return {k: v for k, v in opts.items() if v is not None and v != []}
+
+    @property
+    def label(self) -> str:
+        """The model's short name for runs and versions (a custom network's layout, e.g. custom-basic-2.2-16.32)."""
+        return describe_model(self.name, self.build_options())
 
 
 @dataclass
@@ -146,7 +155,7 @@ class TrainParams:
 
     epochs: int = _opt(ge=1)
     batch_size: int = _opt(ge=1)
-    optimizer: str = _opt(choices=("sgd", "adamw"))
+    optimizer: str = _opt(choices=("sgd", "adam", "adamw"))
     lr: float = _opt(gt=0.0)
     momentum: float = _opt(ge=0.0, lt=1.0)
     nesterov: bool = _opt()
@@ -366,119 +375,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def _check_schedule(t: TrainParams) -> None:
-    if t.schedule == "multistep":
-        ms = t.milestones
-        if not ms or sorted(set(ms)) != ms or ms[0] < 1 or ms[-1] > t.epochs:
-            raise ConfigError(
-                f"train.milestones: {ms!r} must be a non-empty strictly increasing list of epochs within "
-                f"1..train.epochs ({t.epochs}) when train.schedule is multistep"
-            )
-    elif t.milestones:
-        raise ConfigError(
-            f"train.milestones: {t.milestones!r} only applies to train.schedule multistep "
-            f"(it is {t.schedule!r}); set milestones: [] or schedule: multistep"
-        )
-    if t.warmup_epochs >= t.epochs:
-        raise ConfigError(f"train.warmup_epochs: {t.warmup_epochs} must be below train.epochs ({t.epochs})")
-    if t.ema.lookahead and t.ema.decay == 0:
-        raise ConfigError(
-            "train.ema.lookahead: true needs train.ema.decay > 0 (it is 0.0, no average to look ahead with); "
-            "set a decay such as 0.9, or lookahead: false"
-        )
-    if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
-        raise ConfigError(
-            "train.nesterov: true needs train.momentum > 0 (it is 0.0); set a momentum such as 0.9, or nesterov: false"
-        )
-
-
-def _check_device(t: TrainParams) -> str:
-    """The device type train.device resolves to here; 'cuda' without a GPU is an error."""
-    import torch
-
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' but no CUDA GPU is available here; set it to 'auto' or 'cpu'")
-    return "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def _check_model(p: Params) -> None:
-    """Build the model on torch's meta device (no memory, no compute) to catch what only building shows."""
-    import torch
-
-    from resnet.models import ARCHITECTURES, FAMILY_STEMS, build_model, narrow_strided_convs
-
-    m = p.model
-    family = ARCHITECTURES[m.name].family
-    if family == "cifar" and m.stem not in (None, "cifar"):
-        raise ConfigError(
-            f"model.stem: {m.stem!r} does not apply to {m.name}, a CIFAR-family model with a fixed "
-            "3x3 stem; set model.stem: null (stems are for resnet18/34/50/101/152 and resnet9)"
-        )
-    if m.stem is not None and m.stem not in FAMILY_STEMS[family]:
-        raise ConfigError(
-            f"model.stem: {m.stem!r} does not apply to {m.name}; choose one of {list(FAMILY_STEMS[family])} "
-            f"or null ({FAMILY_STEMS[family][0]})"
-        )
-    if m.freeze_backbone and not m.pretrained:
-        raise ConfigError("model.freeze_backbone: true needs model.pretrained (a checkpoint path) to start from")
-    if m.pretrained and not Path(m.pretrained).is_file():
-        raise ConfigError(
-            f"model.pretrained: {m.pretrained!r} is not a file; give the path of a checkpoint "
-            "(ours or a torchvision ResNet state dict), or null to train from scratch"
-        )
-    try:
-        with torch.device("meta"):
-            model = build_model(m.name, 10, p.data.channels, **m.build_options())
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    # oneDNN's NHWC backward of narrow 1x1 stride-2 convolutions crashes or computes wrong gradients on CPU
-    # (uxlfoundation/oneDNN#6035); torch.compile's CPU backend picks NHWC for convolutions too.
-    nhwc = [k for k, on in (("train.channels_last", p.train.channels_last), ("train.compile", p.train.compile)) if on]
-    narrow = narrow_strided_convs(model) if nhwc and not m.freeze_backbone else []
-    if narrow and _check_device(p.train) == "cpu":
-        name, channels = narrow[0]
-        raise ConfigError(
-            f"{nhwc[0]}: true on CPU cannot train this model: the 1x1 stride-2 convolution {name} has {channels} "
-            "input channels (< 16), which oneDNN's NHWC backward pass mishandles (crash, hang or wrong gradients; "
-            f"uxlfoundation/oneDNN#6035); set {nhwc[0]}: false, or use model.shortcut: A or a larger "
-            "model.width_multiplier"
-        )
-
-
-def _check_distributed(d: DistributedParams, device_type: str) -> None:
-    import torch
-
-    if d.rdzv_endpoint is not None:
-        host, _, port = d.rdzv_endpoint.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
-                f"distributed.rdzv_endpoint: {d.rdzv_endpoint!r} is not host:port (e.g. node0.example.org:29400)"
-            )
-    elif d.nnodes > 1:
-        raise ConfigError(
-            f"distributed.rdzv_endpoint: null, but distributed.nnodes is {d.nnodes}; give the host:port that "
-            "every machine reaches (the first node's address and a free port, e.g. node0:29400)"
-        )
-    if d.backend == "nccl" and device_type != "cuda":
-        raise ConfigError("distributed.backend: 'nccl' needs CUDA GPUs; set it to 'auto' (gloo on CPU) or 'gloo'")
-    if device_type == "cuda" and d.nproc_per_node > torch.cuda.device_count():
-        raise ConfigError(
-            f"distributed.nproc_per_node: {d.nproc_per_node} processes but {torch.cuda.device_count()} GPU(s) "
-            "here; use one process per GPU at most"
-        )
-
-
-def _check_cross_field(p: Params) -> None:
-    """Rules that involve more than one key, or what a value means on this machine."""
-    _check_schedule(p.train)
-    _check_distributed(p.distributed, _check_device(p.train))
-    _check_model(p)
-    if p.data.sha256 is not None and (
-        len(p.data.sha256) != 64 or any(c not in "0123456789abcdef" for c in p.data.sha256.lower())
-    ):
-        raise ConfigError(f"data.sha256: {p.data.sha256!r} is not a 64-character hex sha256 digest")
-
-
 def parse_params(raw: Any) -> Params:
     """Validate a parsed params mapping (as read from YAML) into :class:`Params`."""
     if raw is None:
@@ -487,7 +383,10 @@ def parse_params(raw: Any) -> Params:
             "evaluate, register, tracking, distributed): restore it, e.g. `git checkout params.yaml`"
         )
     params = _build(Params, raw, "")
-    _check_cross_field(params)
+    # The rules across keys live in their own module; imported here because they import this one.
+    from resnet.config_rules import check_cross_field
+
+    check_cross_field(params)
     return params
 
 

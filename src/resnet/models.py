@@ -14,6 +14,10 @@ Two families share the same code:
 
 A third, ``resnet9`` (Myrtle's ResNet-9 layout with airbench's patch-whitening stem,
 built for fast training), lives in :mod:`resnet.fastnet` and is built here by name too.
+
+And ``custom``: any stack of the same blocks described by options (block type, blocks
+per stage, widths, stem, shortcut), so a tutorial's small network is a few params, not
+new code.
 """
 
 from __future__ import annotations
@@ -40,14 +44,23 @@ __all__ = [
     "FAMILY_STEMS",
     "narrow_strided_convs",
     "SHORTCUTS",
+    "BLOCKS",
+    "CUSTOM",
     "list_models",
+    "describe_model",
     "build_model",
     "count_parameters",
 ]
 
 STEMS = ("imagenet", "cifar", "whiten")
 #: The stems each family accepts; the first is its default.
-FAMILY_STEMS = {"imagenet": ("imagenet", "cifar"), "cifar": ("cifar",), "resnet9": ("whiten", "cifar")}
+FAMILY_STEMS = {
+    "imagenet": ("imagenet", "cifar"),
+    "cifar": ("cifar",),
+    "resnet9": ("whiten", "cifar"),
+    # Custom networks are mostly the small ones of tutorials, for small images: the 3x3 stem first.
+    "custom": ("cifar", "imagenet"),
+}
 SHORTCUTS = ("A", "B")
 
 
@@ -292,13 +305,45 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "resnet9": ArchSpec(None, (1, 0, 1), RESNET9_WIDTHS, "resnet9"),
 }
 
+#: The name of a network described by options (block, layers, widths) instead of a table entry.
+CUSTOM = "custom"
+BLOCKS: dict[str, Block] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+#: The options that describe a custom network; only for CUSTOM.
+CUSTOM_OPTIONS = ("block", "layers", "widths")
 #: The options build_model accepts besides name, num_classes and in_channels.
-MODEL_OPTIONS = ("stem", "shortcut", "width_multiplier", "zero_init_residual")
+MODEL_OPTIONS = ("stem", "shortcut", "width_multiplier", "zero_init_residual", *CUSTOM_OPTIONS)
+# Each stage after the first halves the resolution: six take 224 px to 7 px, and 32 px to 1.
+MAX_STAGES = 6
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`build_model`."""
-    return list(ARCHITECTURES)
+    return [*ARCHITECTURES, CUSTOM]
+
+
+def _custom_spec(options: dict[str, Any]) -> ArchSpec:
+    """The ArchSpec of a custom network from its options; ValueError naming the bad one."""
+    block, layers, widths = (options.get(k) for k in CUSTOM_OPTIONS)
+    if block not in BLOCKS:
+        raise ValueError(f"block={block!r} is not valid for model {CUSTOM!r}; choose one of {list(BLOCKS)}")
+    for key, values in (("layers", layers), ("widths", widths)):
+        ok = isinstance(values, (list, tuple)) and 1 <= len(values) <= MAX_STAGES
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(
+                f"{key}={values!r} must list 1 to {MAX_STAGES} positive integers for model {CUSTOM!r}, "
+                "one per stage (e.g. layers [2, 2] and widths [16, 32])"
+            )
+    if len(layers) != len(widths):
+        raise ValueError(f"layers {list(layers)} and widths {list(widths)} must have one entry per stage each")
+    return ArchSpec(BLOCKS[block], tuple(layers), tuple(widths), "custom")
+
+
+def describe_model(name: str, options: dict[str, Any]) -> str:
+    """A short name for runs and versions: the name, or for a custom network its layout (custom-basic-2.2-16.32)."""
+    if name != CUSTOM:
+        return name
+    layers, widths = (".".join(str(v) for v in options.get(k, ())) for k in ("layers", "widths"))
+    return f"{CUSTOM}-{options.get('block')}-{layers}-{widths}"
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -323,16 +368,24 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
             resnet9's shortcuts are identities whatever this says.
         width_multiplier: scales every stage's width (1.0 = published widths).
         zero_init_residual: zero the last BatchNorm of each residual branch.
+        block, layers, widths: only for name "custom": "basic" or "bottleneck", blocks per
+            stage and each stage's width (the first stage keeps the resolution, each later
+            one halves it); its stem is "cifar" (default) or "imagenet".
 
     Raises:
         ValueError: an unknown name or a bad option; the message lists the valid choices.
     """
-    if name not in ARCHITECTURES:
+    if name not in list_models():
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
     unknown = sorted(set(options) - set(MODEL_OPTIONS))
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; valid options are {list(MODEL_OPTIONS)}")
-    spec = ARCHITECTURES[name]
+    if name == CUSTOM:
+        spec = _custom_spec(options)
+    elif set(options) & set(CUSTOM_OPTIONS):
+        raise ValueError(f"options {sorted(set(options) & set(CUSTOM_OPTIONS))} only describe model {CUSTOM!r}")
+    else:
+        spec = ARCHITECTURES[name]
     stem = options.get("stem")
     shortcut = options.get("shortcut", "B")
     width_multiplier = options.get("width_multiplier", 1.0)

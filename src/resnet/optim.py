@@ -45,7 +45,7 @@ def _param_groups(model: nn.Module, tp: TrainParams) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW over the parameters that require grad.
+    """SGD (momentum, Nesterov), Adam or AdamW over the parameters that require grad.
 
     With ``no_decay_norm_bias``, 1-d parameters (BatchNorm weights and biases, the
     classifier bias) get no weight decay: shrinking them towards zero does not
@@ -59,7 +59,11 @@ def build_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=tp.lr, momentum=tp.momentum, nesterov=tp.nesterov)
     if tp.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=tp.lr)
-    raise ConfigError(f"train.optimizer: {tp.optimizer!r} is not supported; choose sgd or adamw")
+    if tp.optimizer == "adam":
+        # The tutorials' torch.optim.Adam: weight decay is an L2 term added to the gradient (coupled),
+        # which AdamW's decoupled decay is not; with weight_decay 0 the two are the same.
+        return torch.optim.Adam(groups, lr=tp.lr)
+    raise ConfigError(f"train.optimizer: {tp.optimizer!r} is not supported; choose sgd, adam or adamw")
 
 
 def lr_factor(step: int, tp: TrainParams, steps_per_epoch: int) -> float:

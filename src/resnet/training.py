@@ -302,7 +302,7 @@ class Trainer:
         log.info(
             "%s: %d trainable parameters, %d steps/epoch, global batch %d (%d x %d processes x %d accumulation "
             "steps), %s, precision %s%s, %s%s",
-            self.params.model.name,
+            self.params.model.label,
             trainable,
             loader.steps,
             loader.global_batch,

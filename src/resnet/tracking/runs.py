@@ -102,7 +102,7 @@ def _run_name(params: Params, commit: str, dirty: bool) -> str:
         return os.environ["DVC_EXP_NAME"]
     digest = hashlib.sha256(repr(sorted(to_flat_dict(params).items())).encode()).hexdigest()[:6]
     t = params.train
-    return f"repro-{commit[:7]}{'+' if dirty else ''}-{params.model.name}-e{t.epochs}-lr{t.lr:g}-{digest}"
+    return f"repro-{commit[:7]}{'+' if dirty else ''}-{params.model.label}-e{t.epochs}-lr{t.lr:g}-{digest}"
 
 
 def _provenance_tags(meta: dict[str, Any], device: torch.device | str) -> dict[str, str]:
@@ -316,6 +316,7 @@ def start_run(
     tags = _provenance_tags(meta, device)
     # What train.precision (auto, say) resolves to here: fit resolves it alike, and warns.
     tags["precision"] = resolve_precision(params.train.precision, torch.device(device), warn=False)
+    tags["model"] = params.model.label  # a custom network's layout, which model.name alone does not say
     run_name = _run_name(params, tags["git.commit"], tags["git.dirty"] == "true")
     system = params.tracking.system_metrics
     if system:  # system/* metrics from a thread while the run is active (the training only)
