@@ -3,6 +3,7 @@ and every one run through ``make repro RECIPE=<name>`` on tiny data (slow)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -153,27 +154,27 @@ def recipe_repo(tmp_path_factory: pytest.TempPathFactory) -> RecipeRepo:
     if shutil.which("git") is None or not Path(DVC).exists() or shutil.which("make") is None:
         pytest.skip("needs git, dvc and make")
     base = tiny_params()
-    repo = new_pipeline_repo(tmp_path_factory.mktemp("recipes"), base)
+    tmp = tmp_path_factory.mktemp("recipes")
+    repo = new_pipeline_repo(tmp, base)
     shutil.copy(REPO / "Makefile", repo / "Makefile")
     shutil.copytree(REPO / "recipes", repo / "recipes")
-    (repo / ".venv").symlink_to(sys.prefix)  # the Makefile's venv: the one running these tests
-    with (repo / ".git" / "info" / "exclude").open("a") as f:
-        f.write(".venv\n")
+    (tmp / "venv").symlink_to(sys.prefix)  # the Makefile's venv (VENV=../venv): the one running these tests
     commit_all(repo, "pipeline with tiny params and the recipes")
     return RecipeRepo(repo, base)
 
 
 def make_repro(repo: Path, name: str, sets: dict) -> subprocess.CompletedProcess:
-    """``make repro RECIPE=name SET=...`` as a user types it (make -o: the linked venv counts as installed)."""
+    """``make repro RECIPE=name SET=...`` as a user types it, with this venv (make -o: it counts as installed)."""
     set_arg = " ".join(arg for arg in dvc_set_args(sets) if arg != "-S")
-    cmd = ["make", "-o", ".venv/.installed", "repro", f"RECIPE={name}", f"SET={set_arg}"]
+    cmd = ["make", "VENV=../venv", "-o", "../venv/.installed", "repro", f"RECIPE={name}", f"SET={set_arg}"]
     return sh(repo, *cmd, timeout=900)
 
 
 def assert_ran_as_the_recipe(repo: RecipeRepo, name: str, sets: dict) -> None:
     """metrics/test.json written, and the newest MLflow run carries the recipe's values (smoke sizes over them)."""
     recipe = {k: v for k, v in recipe_file(name).items() if k != REQUIRES}
-    expected = override(parse_params(repo.base), {**recipe, **sets})
+    with contextlib.chdir(repo.path):  # model.pretrained is a path from the repository's root
+        expected = override(parse_params(repo.base), {**recipe, **sets})
     assert 0 <= json.loads((repo.path / "metrics" / "test.json").read_text())["test_accuracy"] <= 1
     client = MlflowClient(f"sqlite:///{repo.path}/mlflow.db")
     experiment = client.get_experiment_by_name(repo.base["tracking"]["experiment"])
@@ -200,11 +201,16 @@ def test_make_repro_runs_the_two_fine_tuning_phases(recipe_repo: RecipeRepo) -> 
     import torchvision
 
     repo = recipe_repo.path
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), repo / "resnet18.pth")
+    torchvision_state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(torchvision_state, repo / "resnet18.pth")
     sets = {**smoke_sets("tutorial-finetune"), "model.pretrained": "resnet18.pth"}
     make_repro(repo, "tutorial-finetune", sets)
     assert_ran_as_the_recipe(recipe_repo, "tutorial-finetune", sets)
     phase1 = torch.load(repo / "models" / "best.pt", weights_only=True)["model"]
+    assert torch.equal(phase1["layer1.0.conv1.weight"], torchvision_state["layer1.0.conv1.weight"])  # frozen
+    assert phase1["fc.weight"].shape[0] == len(
+        json.loads((repo / "data" / "prepared" / "meta.json").read_text())["classes"]
+    )
     shutil.copy(repo / "models" / "best.pt", repo / "finetune-phase1.pt")
     sets = {**smoke_sets("tutorial-finetune-unfreeze"), "model.pretrained": "finetune-phase1.pt"}
     make_repro(repo, "tutorial-finetune-unfreeze", sets)
