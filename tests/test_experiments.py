@@ -764,7 +764,6 @@ def test_param_changes_rerun_only_stale_stages_with_runs_and_versions_in_mlflow(
     commit_all(repo, "misclassified_examples 4")
 
 
-@pytest.mark.slow
 def _wait_for_queue(repo: Path, names: Iterable[str], timeout: float) -> str:
     """``dvc queue status`` once every experiment in ``names`` has ended (Success or Failed)."""
     deadline = time.monotonic() + timeout
@@ -777,6 +776,7 @@ def _wait_for_queue(repo: Path, names: Iterable[str], timeout: float) -> str:
         time.sleep(3)
 
 
+@pytest.mark.slow  # and after the slow tests above: it compares with their lr 0.1 champion
 def test_queued_sweep_of_two_learning_rates_lands_in_the_same_mlflow_store(pipeline_repo: PipelineRepo) -> None:
     repo = pipeline_repo.repo
     if sh(repo, "git", "status", "--porcelain").stdout.strip():
