@@ -338,6 +338,21 @@ def _custom_spec(options: dict[str, Any]) -> ArchSpec:
     return ArchSpec(BLOCKS[block], tuple(layers), tuple(widths), "custom")
 
 
+def _spec(name: str, options: dict[str, Any]) -> ArchSpec:
+    """The ArchSpec of ``name`` (a custom one from its options); ValueError for a bad name or option."""
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; valid options are {list(MODEL_OPTIONS)}")
+    if name == CUSTOM:
+        return _custom_spec(options)
+    layout = sorted(set(options) & set(CUSTOM_OPTIONS))
+    if layout:
+        raise ValueError(f"options {layout} only describe model {CUSTOM!r}")
+    return ARCHITECTURES[name]
+
+
 def describe_model(name: str, options: dict[str, Any]) -> str:
     """A short name for runs and versions: the name, or for a custom network its layout (custom-basic-2.2-16.32)."""
     if name != CUSTOM:
@@ -375,17 +390,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
     Raises:
         ValueError: an unknown name or a bad option; the message lists the valid choices.
     """
-    if name not in list_models():
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
-    unknown = sorted(set(options) - set(MODEL_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown model option(s) {unknown}; valid options are {list(MODEL_OPTIONS)}")
-    if name == CUSTOM:
-        spec = _custom_spec(options)
-    elif set(options) & set(CUSTOM_OPTIONS):
-        raise ValueError(f"options {sorted(set(options) & set(CUSTOM_OPTIONS))} only describe model {CUSTOM!r}")
-    else:
-        spec = ARCHITECTURES[name]
+    spec = _spec(name, options)
     stem = options.get("stem")
     shortcut = options.get("shortcut", "B")
     width_multiplier = options.get("width_multiplier", 1.0)
