@@ -558,8 +558,12 @@ def test_oversized_jpeg_never_reaches_the_fast_decoder(tmp_path, monkeypatch):
     fast = decode_module._decode_jpeg_batch
     monkeypatch.setattr(decode_module, "_decode_jpeg_batch", lambda blobs: seen.extend(blobs) or fast(blobs))
     with pytest.raises(DataError, match=r"train/cat/big.jpg: image 12000x8000 \(96,000,000 pixels\) is over the limit"):
-        run_stages(tmp_path / "src", tmp_path)
+        read_imagefolder(tmp_path / "src")  # all ten in one decoding call
     assert big not in seen and len(seen) == 9  # the others went the fast way
+    seen.clear()
+    with pytest.raises(DataError, match=r"train/cat/big.jpg: image 12000x8000"):
+        run_stages(tmp_path / "src", tmp_path)  # the split stage decodes as it writes, a chunk at a time
+    assert big not in seen
 
 
 def test_a_class_folder_without_images_is_named(tmp_path):

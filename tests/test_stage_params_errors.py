@@ -43,7 +43,7 @@ CASES: list[tuple[str, dict | str]] = [
     ("train.momentum", {"train.momentum": 1.0}),
     ("evaluate.misclassified_examples", {"evaluate.misclassified_examples": 1000}),
     ("train.augment.crop_padding", {"train.augment.crop_padding": -1}),
-    ("train.optimizer", {"train.optimizer": "adam"}),  # bad choices
+    ("train.optimizer", {"train.optimizer": "rmsprop"}),  # bad choices
     ("model.name", {"model.name": "resnet19"}),
     ("validate.checkpoint", {"validate.checkpoint": "middle"}),
     ("register.metric", {"register.metric": "loss"}),

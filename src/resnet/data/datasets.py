@@ -28,7 +28,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "OfficialArchive",
     "read_cifar",
+    "ImageFolder",
+    "index_imagefolder",
     "read_imagefolder",
+    "check_same_shape",
     "imagefolder_layout",
     "cifar_member_map",
 ]
@@ -198,15 +201,38 @@ def _read_files(path: Path) -> tuple[dict[str, bytes | None], list[str]]:
     return blobs, folders
 
 
-def read_imagefolder(
-    path: str | Path, *, channels: int = 3, image_size: int | None = None
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Read ``<split>/<class>/<image>`` from an archive or directory.
+@dataclass
+class ImageFolder:
+    """An image folder's files, read but not decoded: names and labels per split, and the encoded bytes.
 
-    Returns ``({"train": (x, y), ["test": (x, y)]}, classes)``; classes are the train
-    folder names sorted (label = index, as torchvision's ImageFolder), images are in
-    sorted path order, so a tar, a zip and a folder of the same images give the same arrays.
+    Names are in sorted path order, so a tar, a zip and a folder of the same images
+    give the same arrays; classes are the train folder names sorted (label = index, as
+    torchvision's ImageFolder). Decoding is left to :meth:`decode`, a chunk of images
+    at a time if need be: the decoded pixels can be far larger than the files.
     """
+
+    path: Path
+    blobs: dict[str, bytes | None]
+    names: dict[str, list[str]]
+    labels: dict[str, np.ndarray]
+    classes: list[str]
+
+    def decode(
+        self,
+        split: str,
+        idx: np.ndarray | None = None,
+        *,
+        image_size: int | None = None,
+        channels: int = 3,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """uint8 (N, H, W, channels) of the split's images ``idx`` (all by default), in that order."""
+        names = self.names[split] if idx is None else [self.names[split][i] for i in idx]
+        return decode_images(names, self.blobs, self.path, image_size, channels, desc=split, progress=progress)
+
+
+def index_imagefolder(path: str | Path) -> ImageFolder:
+    """Read ``<split>/<class>/<image>`` (train, optional test) from an archive or directory, without decoding."""
     path = Path(path)
     blobs, folders = _read_files(path)
     prefix, layout = imagefolder_layout([*blobs, *folders], path)
@@ -217,18 +243,33 @@ def read_imagefolder(
         raise DataError(
             f"{path}: test/ has class folder(s) {extra} that train/ lacks; every test class needs training images"
         )
-    out = {}
-    for split, names in layout.items():
-        names = sorted(names)
-        x = decode_images(names, blobs, path, image_size, channels, desc=split)
-        y = np.array([index[_class_of(n, prefix)] for n in names], dtype=np.int64)
-        out[split] = (x, y)
-    if "test" in out and out["test"][0].shape[1:] != out["train"][0].shape[1:]:
+    names = {split: sorted(found) for split, found in layout.items()}
+    labels = {s: np.array([index[_class_of(n, prefix)] for n in ns], dtype=np.int64) for s, ns in names.items()}
+    return ImageFolder(path, blobs, names, labels, classes)
+
+
+def read_imagefolder(
+    path: str | Path, *, channels: int = 3, image_size: int | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Read and decode ``<split>/<class>/<image>``: ``({"train": (x, y), ["test": (x, y)]}, classes)``.
+
+    See :class:`ImageFolder` for the order; every image is resized to ``image_size``
+    when given, otherwise all must have the same size.
+    """
+    folder = index_imagefolder(path)
+    out = {s: (folder.decode(s, image_size=image_size, channels=channels), y) for s, y in folder.labels.items()}
+    if "test" in out:
+        check_same_shape(folder.path, out["train"][0], out["test"][0])
+    return out, folder.classes
+
+
+def check_same_shape(path: Path, train: np.ndarray, test: np.ndarray) -> None:
+    """Refuse test images of another size than train's (a model takes one size)."""
+    if test.shape[1:] != train.shape[1:]:
         raise DataError(
-            f"{path}: test images are {out['test'][0].shape[1:3]} but train images "
-            f"{out['train'][0].shape[1:3]}; set data.image_size to resize them all"
+            f"{path}: test images are {test.shape[1:3]} but train images "
+            f"{train.shape[1:3]}; set data.image_size to resize them all"
         )
-    return out, classes
 
 
 # --------------------------------------------------------------------------- CIFAR python archives

@@ -35,6 +35,7 @@ def decode_images(
     channels: int,
     *,
     desc: str = "",
+    progress: bool = True,
 ) -> np.ndarray:
     """Decode the named members to one uint8 (N, H, W, channels) array, in the order given.
 
@@ -45,7 +46,8 @@ def decode_images(
 
     parts: list[np.ndarray] = []
     first: tuple[str, tuple[int, ...]] | None = None
-    with tqdm(total=len(names), desc=f"decoding {desc}", unit="img", disable=not progress_enabled()) as bar:
+    shown = progress and progress_enabled()
+    with tqdm(total=len(names), desc=f"decoding {desc}", unit="img", disable=not shown) as bar:
         for start in range(0, len(names), _CHUNK):
             chunk = names[start : start + _CHUNK]
             rgb = _decode_rgb([blobs[n] or b"" for n in chunk], chunk, where)
