@@ -141,7 +141,7 @@ def main() -> int:
     print(f"command: {command}")
     print(f"data: {args.prepared}/train.npz, {len(labels)} images {images.shape[1:]}, batch {args.batch_size}")
 
-    augment = AugmentParams(crop_padding=4, flip=True, cutout=0)
+    augment = AugmentParams(crop_padding=4, flip=True, cutout=0, resized_crop_scale=0.0)
     device_loader = DeviceLoader(
         images,
         labels,

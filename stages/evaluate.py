@@ -26,6 +26,7 @@ def run(params: Params) -> None:
             params.evaluate.batch_size,
             device=resolve_device(params.train.device),
             run_id=mlrun.run_id,
+            max_resident_bytes=params.data.max_resident_bytes,
         )
         mlrun.log_results(_write_results(ev, params.evaluate.misclassified_examples))
         mlrun.log_artifacts(

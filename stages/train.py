@@ -128,6 +128,7 @@ def _loaders(params: Params, meta: dict[str, Any], world: World, device: torch.d
     tp = params.train
     (train_x, train_y), (val_x, val_y) = load_split(paths.PREPARED, "train"), load_split(paths.PREPARED, "val")
     norm = {"mean": meta["mean"], "std": meta["std"], "device": device, "channels_last": tp.channels_last}
+    norm["max_resident_bytes"] = params.data.max_resident_bytes
     share = {"rank": world.rank, "world_size": world.size, "accumulation": params.distributed.accumulation_steps}
     train = DeviceLoader(train_x, train_y, tp.batch_size, train=True, augment=tp.augment, seed=tp.seed, **norm, **share)
     part = distributed.shard(len(val_y), world)

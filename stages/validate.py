@@ -26,6 +26,7 @@ def run(params: Params) -> None:
             params.validate.batch_size,
             device=resolve_device(params.train.device),
             run_id=mlrun.run_id,
+            max_resident_bytes=params.data.max_resident_bytes,
         )
         # Metrics last: a metrics/val.json on disk means the whole set was written.
         write_confusion_csv(paths.VAL_CONFUSION, ev.result, ev.classes)

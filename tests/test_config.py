@@ -117,7 +117,7 @@ def test_unknown_key_is_an_error_listing_valid_keys() -> None:
 
 
 def test_nested_augment_section_is_validated() -> None:
-    raw = _with("train", "augment", {"crop_padding": -1, "flip": True, "cutout": 0})
+    raw = _with("train", "augment", {"crop_padding": -1, "flip": True, "cutout": 0, "resized_crop_scale": 0})
     with pytest.raises(ConfigError, match=r"train\.augment\.crop_padding"):
         parse_params(raw)
 
@@ -157,6 +157,11 @@ CUSTOM = {
         ({"model.stem": "cifar", "model.name": "resnet56", "model.width_multiplier": 1.0}, None),
         ({"train.momentum": 0.0}, r"^train\.nesterov: true needs train\.momentum > 0"),
         ({"train.momentum": 0.0, "train.optimizer": "adamw"}, None),
+        (
+            {"train.augment.resized_crop_scale": 0.35},
+            r"^train\.augment\.resized_crop_scale: 0\.35 with train\.augment\.crop_padding: 2: two random crops",
+        ),
+        ({"train.augment.resized_crop_scale": 0.35, "train.augment.crop_padding": 0}, None),
         (
             {"model.width_multiplier": 0.25, "model.name": "resnet20"},
             r"^train\.channels_last: true on CPU cannot train this model: the 1x1 "

@@ -45,12 +45,13 @@ from resnet import preprocess
 from resnet.config import ConfigError, DataParams, parse_params
 from resnet.data import archives, tar_reader
 from resnet.data import decode as decode_module
+from resnet.data import split as split_module
 from resnet.data.archives import iter_archive
 from resnet.data.datasets import OFFICIAL_ARCHIVES, imagefolder_layout, read_imagefolder
 from resnet.data.errors import DataError
 from resnet.data.sources import download
 from resnet.data.split import prepare, stratified_split
-from resnet.data.store import load_meta, load_split
+from resnet.data.store import SplitWriter, load_meta, load_split, save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -502,12 +503,59 @@ def test_cifar_resize_and_grayscale_follow_preprocess(tmp_path):
     np.testing.assert_array_equal(x_test, preprocess.batch_pixels(list(truth["test_x"]), 16, 1))
 
 
-def test_mixed_image_sizes_need_image_size(tmp_path):
+@pytest.mark.parametrize("chunk_images", [None, 2])
+def test_mixed_image_sizes_need_image_size(tmp_path, monkeypatch, chunk_images):
+    if chunk_images:  # the odd image in another chunk than the first image's
+        monkeypatch.setattr(split_module, "_CHUNK_BYTES", chunk_images * 8 * 8 * 3)
     write_imagefolder(tmp_path / "src", per_class={"train": 3}, size=8)
     Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(tmp_path / "src" / "train" / "cat" / "odd.png")
-    with pytest.raises(DataError, match="differ in size.*data.image_size"):
+    with pytest.raises(DataError, match=r"differ in size \(.*odd\.png is 8x9.*data\.image_size"):
         run_stages(tmp_path / "src", tmp_path)
+    assert not (tmp_path / "prepared").exists()
     run_stages(tmp_path / "src", tmp_path / "ok", image_size=8)
+
+
+def test_splits_are_written_a_chunk_at_a_time_and_read_mapped(tmp_path, monkeypatch):
+    """Chunks of 3 images or one chunk: the same files and meta; the splits come back mapped, not loaded."""
+    truth = write_imagefolder(tmp_path / "src", per_class={"train": 7, "test": 3}, size=10)
+    whole, whole_dir = run_stages(tmp_path / "src", tmp_path / "whole", image_size=12)
+    monkeypatch.setattr(split_module, "_CHUNK_BYTES", 3 * 12 * 12 * 3)
+    chunked, chunked_dir = run_stages(tmp_path / "src", tmp_path / "chunked", image_size=12)
+    assert chunked == whole
+    for split in ("train", "val", "test"):
+        assert (chunked_dir / f"{split}.npz").read_bytes() == (whole_dir / f"{split}.npz").read_bytes()
+        x, y = load_split(chunked_dir, split)
+        assert not x.flags.writeable and not x.flags.owndata  # a view of the mapped file
+        with np.load(chunked_dir / f"{split}.npz") as z:  # still a plain npz for numpy
+            np.testing.assert_array_equal(z["images"], x)
+            np.testing.assert_array_equal(z["labels"], y)
+    x_test, _ = load_split(chunked_dir, "test")
+    np.testing.assert_array_equal(x_test, preprocess.batch_pixels(truth["test"][0], 12, 3))
+    # The digest is of the contents, as it always was: names, dtypes, shapes, pixels, labels.
+    h = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        for arr in load_split(chunked_dir, split):
+            h.update(f"{split}:{arr.dtype.str}:{arr.shape}\n".encode())
+            h.update(np.ascontiguousarray(arr).data)
+    assert whole["content_sha256"] == h.hexdigest()
+
+
+def test_split_writer_and_load_split_agree_with_numpy(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (50, 5, 6, 3), dtype=np.uint8)
+    y = np.arange(50)
+    save_npz(tmp_path / "a.npz", images=x, labels=y)
+    with SplitWriter(tmp_path / "b.npz", 50, (5, 6, 3)) as w:
+        for lo in range(0, 50, 7):
+            w.write(x[lo : lo + 7])
+        w.finish(y)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with pytest.raises(ValueError, match="does not fit"), SplitWriter(tmp_path / "c.npz", 2, (5, 6, 3)) as w:
+        w.write(x[:3])
+    (tmp_path / "z").mkdir()
+    np.savez_compressed(tmp_path / "z" / "val.npz", images=x, labels=y)  # nothing to map: read whole
+    got_x, got_y = load_split(tmp_path / "z", "val")
+    np.testing.assert_array_equal(got_x, x)
+    np.testing.assert_array_equal(got_y, y)
 
 
 def test_no_train_folder_is_a_clear_error(tmp_path):

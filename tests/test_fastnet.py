@@ -138,7 +138,7 @@ def test_norm_bias_lr_scale_raises_the_lr_of_1d_parameters_only() -> None:
 
 def test_alternate_flips_show_every_image_both_ways_in_consecutive_epochs() -> None:
     x, y = images(64), np.arange(64)
-    aug = AugmentParams(crop_padding=0, flip="alternate", cutout=0)
+    aug = AugmentParams(crop_padding=0, flip="alternate", cutout=0, resized_crop_scale=0.0)
     loader = DeviceLoader(x, y, 16, mean=[0] * 3, std=[1] * 3, train=True, augment=aug, seed=3)
     flipped_by_epoch = []
     for epoch in range(3):
@@ -162,7 +162,7 @@ def test_alternate_flips_show_every_image_both_ways_in_consecutive_epochs() -> N
 
 def test_alternate_flips_split_across_processes_as_one_process_would_see_them() -> None:
     x, y = images(64), np.arange(64)
-    aug = AugmentParams(crop_padding=2, flip="alternate", cutout=0)
+    aug = AugmentParams(crop_padding=2, flip="alternate", cutout=0, resized_crop_scale=0.0)
     kw = {"mean": [0] * 3, "std": [1] * 3, "train": True, "augment": aug, "seed": 5}
     whole = DeviceLoader(x, y, 16, **kw)
     parts = [DeviceLoader(x, y, 8, rank=r, world_size=2, **kw) for r in range(2)]

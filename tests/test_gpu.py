@@ -124,7 +124,7 @@ def test_device_loader_on_gpu_matches_cpu_without_augmentation() -> None:
 
 def test_device_loader_augments_on_the_gpu() -> None:
     images, labels = quadrant_task(256, 16)
-    aug = AugmentParams(crop_padding=2, flip=True, cutout=4)
+    aug = AugmentParams(crop_padding=2, flip=True, cutout=4, resized_crop_scale=0.0)
     loader = DeviceLoader(
         images, labels, 64, mean=[0.5] * 3, std=[0.25] * 3, device="cuda", train=True, augment=aug, seed=0
     )

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from resnet.config import AugmentParams
-from resnet.data.store import load_meta, load_split
-from resnet.loader import DeviceLoader
+from resnet.data.store import load_meta, load_split, release_pages, save_npz
+from resnet.loader import DeviceLoader, _draw_boxes, _resized_crop
 
-NO_AUG = AugmentParams(crop_padding=0, flip=False, cutout=0)
+NO_AUG = AugmentParams(crop_padding=0, flip=False, cutout=0, resized_crop_scale=0.0)
 
 
 def images(n: int = 10, h: int = 8, w: int = 8, c: int = 3, low: int = 0, seed: int = 0) -> np.ndarray:
@@ -48,7 +50,12 @@ def test_eval_batches_shapes_dtypes_and_normalisation():
 def test_eval_order_is_fixed_and_ignores_augment_and_epoch():
     x, y = images(7), np.arange(7)
     loader = DeviceLoader(
-        x, y, 3, mean=[0] * 3, std=[1] * 3, augment=AugmentParams(crop_padding=4, flip=True, cutout=4)
+        x,
+        y,
+        3,
+        mean=[0] * 3,
+        std=[1] * 3,
+        augment=AugmentParams(crop_padding=4, flip=True, cutout=4, resized_crop_scale=0.0),
     )
     first = collect(loader)
     loader.set_epoch(5)
@@ -80,7 +87,7 @@ def test_train_shuffles_every_image_once_and_is_seeded():
 
 def test_augmented_batches_are_reproducible_for_a_resumed_run():
     x, y = images(40), np.arange(40)
-    aug = AugmentParams(crop_padding=4, flip=True, cutout=3)
+    aug = AugmentParams(crop_padding=4, flip=True, cutout=3, resized_crop_scale=0.0)
     a = DeviceLoader(x, y, 16, mean=[0.5] * 3, std=[0.25] * 3, train=True, augment=aug, seed=7)
     epochs = []
     for e in range(3):
@@ -103,7 +110,7 @@ def test_crop_stays_within_the_zero_padded_image():
         mean=[0] * 3,
         std=[1] * 3,
         train=True,
-        augment=AugmentParams(crop_padding=pad, flip=False, cutout=0),
+        augment=AugmentParams(crop_padding=pad, flip=False, cutout=0, resized_crop_scale=0.0),
         seed=1,
     )
     xb, yb = next(iter(loader))
@@ -131,7 +138,7 @@ def test_flip_is_a_horizontal_mirror():
         mean=[0] * 3,
         std=[1] * 3,
         train=True,
-        augment=AugmentParams(crop_padding=0, flip=True, cutout=0),
+        augment=AugmentParams(crop_padding=0, flip=True, cutout=0, resized_crop_scale=0.0),
         seed=2,
     )
     xb, yb = next(iter(loader))
@@ -154,7 +161,7 @@ def test_cutout_zeroes_one_square_per_image():
         mean=[0] * 3,
         std=[1] * 3,
         train=True,
-        augment=AugmentParams(crop_padding=0, flip=False, cutout=size),
+        augment=AugmentParams(crop_padding=0, flip=False, cutout=size, resized_crop_scale=0.0),
         seed=3,
     )
     xb, yb = next(iter(loader))
@@ -182,7 +189,7 @@ def test_labels_follow_their_images_through_shuffle_and_augmentation():
         mean=[0] * 3,
         std=[1] * 3,
         train=True,
-        augment=AugmentParams(crop_padding=2, flip=True, cutout=0),
+        augment=AugmentParams(crop_padding=2, flip=True, cutout=0, resized_crop_scale=0.0),
         seed=4,
     )
     for xb, yb in loader:
@@ -220,3 +227,89 @@ def test_loader_reads_what_the_split_stage_writes(tiny_prepared):
     # Normalised with the train split's own statistics: mean 0, std 1 per channel.
     torch.testing.assert_close(train_x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(train_x.std((0, 2, 3), correction=0), torch.ones(3), atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- splits larger than the budget
+
+
+def _mapped_split(tmp_path, n: int = 300, size: int = 12, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A split file as the split stage writes it, read back memory-mapped."""
+    (tmp_path / "prep").mkdir(exist_ok=True)
+    save_npz(tmp_path / "prep" / "train.npz", images=images(n, size, size, seed=seed), labels=np.arange(n) % 10)
+    return load_split(tmp_path / "prep", "train")
+
+
+@pytest.mark.parametrize(
+    "augment,world_size,accumulation",
+    [
+        (AugmentParams(crop_padding=3, flip=True, cutout=4, resized_crop_scale=0.0), 1, 1),
+        (AugmentParams(crop_padding=0, flip="alternate", cutout=0, resized_crop_scale=0.3), 2, 2),
+    ],
+)
+def test_a_streamed_split_gives_the_resident_batches_bit_for_bit(tmp_path, augment, world_size, accumulation):
+    x, y = _mapped_split(tmp_path)
+    assert not x.flags.writeable  # mapped read-only, not loaded
+    kw = {"mean": [0.4] * 3, "std": [0.2] * 3, "seed": 5, "channels_last": True}
+    for rank in range(world_size):
+        share = {"rank": rank, "world_size": world_size, "accumulation": accumulation}
+        resident = DeviceLoader(x, y, 16, train=True, augment=augment, **kw, **share)
+        streamed = DeviceLoader(x, y, 16, train=True, augment=augment, max_resident_bytes=x.nbytes - 1, **kw, **share)
+        assert streamed.streamed and not resident.streamed and len(streamed) == len(resident)
+        for epoch in (0, 3):  # a resumed run starts at a later epoch: same batches either way
+            resident.set_epoch(epoch)
+            streamed.set_epoch(epoch)
+            for (xa, ya), (xb, yb) in zip(resident, streamed, strict=True):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.stride() == xb.stride()
+    plain = dict(kw, channels_last=False)
+    evals = [DeviceLoader(x, y, 64, **plain, max_resident_bytes=m) for m in (None, 0)]
+    for (xa, ya), (xb, yb) in zip(*evals, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xb.is_contiguous()
+
+
+def _rss_file_kb() -> int:
+    """This process's resident pages backed by files (mapped splits count here)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_streaming_a_split_does_not_keep_it_resident(tmp_path):
+    """Pages of a mapped split count as resident until dropped: the loader drops them batch by batch."""
+    x, y = _mapped_split(tmp_path, n=1200, size=96)  # 33 MB
+    loader = DeviceLoader(x, y, 50, mean=[0.5] * 3, std=[0.25] * 3, train=True, augment=NO_AUG, max_resident_bytes=0)
+    before = _rss_file_kb()
+    peak = 0
+    for _ in loader:
+        peak = max(peak, _rss_file_kb() - before)
+    assert peak < 8 * 1024, f"{peak} kB of the 33 MB split stayed resident"
+    assert np.array(x[::7]).sum() > 0 and _rss_file_kb() - before > 4 * 1024  # reading without dropping does count
+    release_pages(x)
+    assert _rss_file_kb() - before < 4 * 1024
+
+
+def test_resized_crop_boxes_fit_the_image_and_follow_the_scale():
+    gen = torch.Generator().manual_seed(0)
+    box = _draw_boxes(20000, 0.25, gen).double()
+    w, h, cx, cy = box.unbind(1)
+    assert (w <= 1).all() and (h <= 1).all() and (cx - w / 2 >= -1e-6).all() and (cx + w / 2 <= 1 + 1e-6).all()
+    assert (cy - h / 2 >= -1e-6).all() and (cy + h / 2 <= 1 + 1e-6).all()
+    area = w * h  # drawn uniform in [0.25, 1]; only boxes of area above 3/4 can need cutting to fit
+    assert area.min() >= 0.25 - 1e-6 and area.max() <= 1 + 1e-6
+    small = area < 0.75
+    assert abs(small.double().mean().item() - 2 / 3) < 0.02 and abs(area[small].mean().item() - 0.5) < 0.01
+    ratio = (w / h)[small]
+    assert ratio.min() >= 3 / 4 - 1e-6 and ratio.max() <= 4 / 3 + 1e-6 and abs(ratio.log().mean().item()) < 0.01
+
+
+def test_resized_crop_takes_the_box_and_resizes_it():
+    x = torch.from_numpy(images(2, 16, 16)).permute(0, 3, 1, 2).float()
+    whole = torch.tensor([[1.0, 1.0, 0.5, 0.5]] * 2)
+    torch.testing.assert_close(_resized_crop(x, whole), x, atol=1e-3, rtol=0)  # the whole image: itself
+    quarter = torch.tensor([[0.5, 0.5, 0.25, 0.25], [0.5, 0.5, 0.75, 0.75]])
+    got = _resized_crop(x, quarter)
+    want = torch.stack([x[0, :, :8, :8], x[1, :, 8:, 8:]])
+    want = torch.nn.functional.interpolate(want, size=(16, 16), mode="bilinear", align_corners=False)
+    # Inside the box both interpolate the same pixels; at its edge grid_sample sees the neighbours beyond it.
+    torch.testing.assert_close(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-3, rtol=0)
+    assert got.shape == x.shape

@@ -91,6 +91,13 @@ class DataParams:
     max_per_class: int | None = _opt(ge=1)
     # Seconds to wait for a network source before failing with a clear error.
     timeout: float = _opt(gt=0.0)
+    # A split of more MB than this is not copied to the training device whole but streamed
+    # from its file batch by batch (same batches, bit for bit); 0 = always stream.
+    max_resident_mb: int = _opt(ge=0)
+
+    @property
+    def max_resident_bytes(self) -> int:
+        return self.max_resident_mb << 20
 
 
 @dataclass
@@ -133,6 +140,9 @@ class AugmentParams:
     flip: bool | str = _opt(choices=(True, False, "alternate"))
     # Side of the square cutout (DeVries & Taylor 2017); 0 disables it.
     cutout: int = _opt(ge=0, le=256)
+    # Random-resized crop (Inception's, torchvision's RandomResizedCrop): a box of this
+    # fraction of the image's area or more (up to all), aspect 3/4..4/3, resized back; 0 = off.
+    resized_crop_scale: float = _opt(ge=0.0, le=1.0)
 
 
 @dataclass

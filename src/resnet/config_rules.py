@@ -36,6 +36,11 @@ def _check_schedule(t: TrainParams) -> None:
             "train.ema.lookahead: true needs train.ema.decay > 0 (it is 0.0, no average to look ahead with); "
             "set a decay such as 0.9, or lookahead: false"
         )
+    if t.augment.resized_crop_scale > 0 and t.augment.crop_padding > 0:
+        raise ConfigError(
+            f"train.augment.resized_crop_scale: {t.augment.resized_crop_scale} with train.augment.crop_padding: "
+            f"{t.augment.crop_padding}: two random crops; set crop_padding: 0 (or resized_crop_scale: 0)"
+        )
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
         raise ConfigError(
             "train.nesterov: true needs train.momentum > 0 (it is 0.0); set a momentum such as 0.9, or nesterov: false"

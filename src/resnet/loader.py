@@ -1,11 +1,17 @@
-"""An in-memory loader: the whole split as one uint8 tensor on the training device.
+"""A batch loader that keeps the split on the training device, or streams it there when it is too large.
 
 The tutorials' way (a Dataset, PIL transforms per image, a DataLoader with worker
 processes) spends most of its time in Python, one image at a time. Here, as in
 airbench, the split lives on the device as a single uint8 tensor and every step
 augments a whole batch with a handful of tensor operations: random crop with zero
-padding, horizontal flip (random, or alternating by epoch), optional cutout, then
-normalisation.
+padding or random-resized crop (for large images), horizontal flip (random, or
+alternating by epoch), optional cutout, then normalisation.
+
+A split larger than ``max_resident_bytes`` (CIFAR-10 at 224 px is 6.8 GB) stays where
+:func:`resnet.data.store.load_split` mapped it, on disk: each batch's images are
+gathered from the file in a background thread one batch ahead, copied to the device
+(from pinned memory, without blocking, on a GPU) and augmented there exactly as a
+resident split would be, so both give the same batches bit for bit.
 
 Randomness comes from a CPU generator seeded from ``(seed, epoch)``, so an epoch's
 order and augmentations are the same whatever the device and whether or not the run
@@ -16,7 +22,9 @@ slice of every global batch, and the slices put together are one process's batch
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +32,7 @@ import torch
 from torch import Tensor
 
 from resnet.config import AugmentParams
+from resnet.data.store import release_pages
 
 __all__ = ["DeviceLoader"]
 
@@ -43,6 +52,7 @@ class _Draws:
     flip: Tensor | None = None  # bool per image
     cy: Tensor | None = None  # cutout centres
     cx: Tensor | None = None
+    box: Tensor | None = None  # random-resized crop: (N, 4) box width, height, centre x, y (fractions of the image)
 
     @classmethod
     def draw(cls, n: int, size: tuple[int, int], augment: AugmentParams, gen: torch.Generator) -> _Draws:
@@ -54,6 +64,8 @@ class _Draws:
             d.flip = torch.rand(n, generator=gen) < 0.5
         if augment.cutout > 0:
             d.cy, d.cx = torch.randint(0, size[0], (n,), generator=gen), torch.randint(0, size[1], (n,), generator=gen)
+        if augment.resized_crop_scale > 0:  # drawn last: runs without it draw what they always drew
+            d.box = _draw_boxes(n, augment.resized_crop_scale, gen)
         return d
 
     def part(self, lo: int, hi: int, device: torch.device) -> _Draws:
@@ -70,6 +82,32 @@ def _random_crop(x: Tensor, padding: int, oy: Tensor, ox: Tensor) -> Tensor:
     return windows[torch.arange(n, device=x.device), :, oy, ox]
 
 
+def _draw_boxes(n: int, min_scale: float, gen: torch.Generator) -> Tensor:
+    """Random-resized-crop boxes (Szegedy et al. 2015, torchvision's RandomResizedCrop), drawn for a whole batch.
+
+    Area a share of the image uniform in [min_scale, 1], aspect ratio log-uniform in
+    [3/4, 4/3], position uniform where the box fits. Where a side would pass the image's,
+    it is cut to fit (torchvision redraws up to ten times, then falls back to the centre).
+    """
+    area = min_scale + (1 - min_scale) * torch.rand(n, generator=gen, dtype=torch.float64)
+    log_ratio = math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, generator=gen, dtype=torch.float64)
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx = w / 2 + (1 - w) * torch.rand(n, generator=gen, dtype=torch.float64)
+    cy = h / 2 + (1 - h) * torch.rand(n, generator=gen, dtype=torch.float64)
+    return torch.stack([w, h, cx, cy], dim=1).float()
+
+
+def _resized_crop(x: Tensor, box: Tensor) -> Tensor:
+    """Each image's box, resized (bilinear) back to the image's size: one grid_sample for the batch."""
+    w, h, cx, cy = box.unbind(1)
+    zero = torch.zeros_like(w)
+    # affine_grid maps output coordinates in [-1, 1] to input ones: x_in = w * x_out + (2 cx - 1).
+    theta = torch.stack([torch.stack([w, zero, 2 * cx - 1], 1), torch.stack([zero, h, 2 * cy - 1], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _cutout(x: Tensor, size: int, cy: Tensor, cx: Tensor) -> Tensor:
     """Zero a size x size square per image, centred anywhere, clipped at the border (DeVries & Taylor)."""
     _, _, h, w = x.shape
@@ -80,6 +118,24 @@ def _cutout(x: Tensor, size: int, cy: Tensor, cx: Tensor) -> Tensor:
     in_cols = (xs >= x0[:, None]) & (xs < (x0 + size)[:, None])  # (N,W)
     mask = in_rows[:, :, None] & in_cols[:, None, :]
     return x.masked_fill(mask[:, None], 0.0)
+
+
+def _resident(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """The whole split as one uint8 NCHW tensor on ``device``, copied a chunk at a time from a mapped file."""
+    if isinstance(images, Tensor):
+        return images.permute(0, 3, 1, 2).contiguous().to(device)
+    n, h, w, c = images.shape
+    out = torch.empty((n, c, h, w), dtype=torch.uint8, device=device)
+    step = max(1, (64 << 20) // max(1, h * w * c))
+    for lo in range(0, n, step):
+        out[lo : lo + step] = _to_device(torch.from_numpy(np.array(images[lo : lo + step])), device)
+        release_pages(images)
+    return out
+
+
+def _to_device(rows: Tensor, device: torch.device) -> Tensor:
+    """uint8 (N, H, W, C) rows -> (N, C, H, W) contiguous on ``device`` (the copy overlaps compute on a GPU)."""
+    return rows.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
 
 
 class DeviceLoader:
@@ -101,6 +157,9 @@ class DeviceLoader:
             the same permutation and augmentations; for each optimizer step it yields
             ``accumulation`` micro-batches, disjoint from every other process's. One
             process with the global batch sees the same images, augmented the same way.
+        max_resident_bytes: a numpy split larger than this is not copied to the device
+            whole but streamed from where it lies (a file mapped by load_split), batch by
+            batch; None = always copy.
     """
 
     def __init__(
@@ -119,9 +178,9 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
         accumulation: int = 1,
+        max_resident_bytes: int | None = None,
     ) -> None:
-        images = torch.as_tensor(images)
-        if images.dtype != torch.uint8 or images.ndim != 4:
+        if images.dtype not in (np.uint8, torch.uint8) or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -138,10 +197,14 @@ class DeviceLoader:
                 f"x {accumulation} accumulation steps (sharding is for training only); lower train.batch_size"
             )
         self.device = torch.device(device)
-        # NCHW once, up front: per-batch work is then pure indexing.
-        self.images = images.permute(0, 3, 1, 2).contiguous().to(self.device)
-        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
-        channels = self.images.shape[1]
+        self.streamed = isinstance(images, np.ndarray) and max_resident_bytes is not None
+        self.streamed = self.streamed and images.nbytes > max_resident_bytes
+        # Resident: NCHW once, up front, so per-batch work is pure indexing. Streamed: the (N, H, W, C) source.
+        self._source = images if self.streamed else None
+        self.images = None if self.streamed else _resident(images, self.device)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
+        self._shape = tuple(images.shape[1:3])
+        channels = images.shape[3]
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {channels} channels")
         # x/255 then (x - mean)/std, folded into one multiply-add.
@@ -189,25 +252,47 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
         if not self.train:
-            for i in range(len(self)):
-                sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
-                yield self._finish(self.images[sl].float(), None), self.labels[sl]
+            slices = [slice(i * self.batch_size, min((i + 1) * self.batch_size, n)) for i in range(len(self))]
+            for sl, x in zip(slices, self._gather(slices), strict=True):
+                yield self._finish(x.float(), None), self.labels[sl]
             return
         gen = self._generator()
-        order = torch.randperm(n, generator=gen).to(self.device)
-        size = (self.images.shape[2], self.images.shape[3])
+        order = torch.randperm(n, generator=gen)
         g, b = min(self.global_batch, n), self.batch_size
+        # The global batch's draws come first, then this process's micro-batches, as they always did.
+        plan = []
         for step in range(self.steps):
             batch = order[step * g : (step + 1) * g]
-            draws = _Draws.draw(len(batch), size, self.augment, gen) if self.augment is not None else None
+            draws = _Draws.draw(len(batch), self._shape, self.augment, gen) if self.augment is not None else None
             if draws is not None and self.augment.flip == "alternate":
                 draws.flip = self._alternate_flips(batch)
             for micro in range(self.accumulation):
                 lo = (micro * self.world_size + self.rank) * b
                 hi = min(lo + b, len(batch))
-                idx = batch[lo:hi]
-                part = draws.part(lo, hi, self.device) if draws is not None else None
-                yield self._finish(self.images.index_select(0, idx).float(), part), self.labels[idx]
+                plan.append((batch[lo:hi], draws.part(lo, hi, self.device) if draws is not None else None))
+        for (idx, part), x in zip(plan, self._gather([idx for idx, _ in plan]), strict=True):
+            yield self._finish(x.float(), part), self.labels[idx.to(self.device)]
+
+    def _gather(self, batches: Sequence[slice | Tensor]) -> Iterable[Tensor]:
+        """Each batch's uint8 NCHW images on the device, in order (streamed: read one batch ahead)."""
+        if not self.streamed:
+            for idx in batches:
+                yield self.images[idx] if isinstance(idx, slice) else self.images.index_select(0, idx.to(self.device))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="loader") as reader:
+            ahead = reader.submit(self._read, batches[0]) if batches else None
+            for i in range(len(batches)):
+                rows = ahead.result()
+                ahead = reader.submit(self._read, batches[i + 1]) if i + 1 < len(batches) else None
+                yield _to_device(rows, self.device)
+
+    def _read(self, idx: slice | Tensor) -> Tensor:
+        """One batch's (N, H, W, C) rows from the streamed source, in memory (pinned for a GPU)."""
+        rows = np.array(self._source[idx]) if isinstance(idx, slice) else self._source[idx.numpy()]
+        # The pages read stay resident until dropped; the kernel's page cache keeps them anyway.
+        release_pages(self._source)
+        rows = torch.from_numpy(rows)
+        return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def _alternate_flips(self, batch: Tensor) -> Tensor:
         """Flips that alternate by epoch: each image is flipped in every other epoch (airbench).
@@ -221,12 +306,14 @@ class DeviceLoader:
             gen = torch.Generator()
             gen.manual_seed(self.seed * 1_000_003 - 1)  # not an epoch's seed (those are seed * 1_000_003 + epoch)
             self._flip_base = torch.rand(len(self.labels), generator=gen) < 0.5
-        return self._flip_base[batch.cpu()] ^ bool(self.epoch % 2)
+        return self._flip_base[batch] ^ bool(self.epoch % 2)
 
     def _finish(self, x: Tensor, draws: _Draws | None) -> Tensor:
         """Augment (crop, flip), normalise, cut out and lay out one float batch."""
         if draws is not None and draws.oy is not None:
             x = _random_crop(x, self.augment.crop_padding, draws.oy, draws.ox)
+        if draws is not None and draws.box is not None:
+            x = _resized_crop(x, draws.box)
         if draws is not None and draws.flip is not None:
             x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
         x = x * self._scale + self._shift

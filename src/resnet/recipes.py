@@ -52,7 +52,7 @@ PINNED_KEYS = (
     *(f"train.{k}" for k in ("weight_decay", "no_decay_norm_bias", "norm_bias_lr_scale", "schedule")),
     *(f"train.{k}" for k in ("milestones", "gamma", "warmup_epochs", "label_smoothing", "precision")),
     *("train.eval_every", "train.augment.crop_padding", "train.augment.flip", "train.augment.cutout"),
-    "train.ema.decay",
+    *("train.augment.resized_crop_scale", "train.ema.decay"),
 )
 
 

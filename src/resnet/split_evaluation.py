@@ -140,6 +140,7 @@ def evaluate_checkpoint(
     device: torch.device,
     data_dir: str | Path = PREPARED,
     run_id: str | None = None,
+    max_resident_bytes: int | None = None,
 ) -> SplitEvaluation:
     """Evaluate ``models/<which>.pt`` on the prepared ``split``, normalised, and computed, as in training.
 
@@ -147,13 +148,14 @@ def evaluate_checkpoint(
     in (:func:`trained_with`, :func:`resnet.tta.checkpoint_tta`), so on the validation split this
     reproduces the val_* numbers training recorded for that epoch.
 
+    A split larger than ``max_resident_bytes`` is streamed from its file (resnet.loader).
     Raises CheckpointError, EvaluationError or resnet.data.errors.DataError with a message
     that names the bad file or value and the fix.
     """
     data_dir, checkpoint = Path(data_dir), CHECKPOINTS[which]
     try:
         model, ckpt, classes, images, loader, precision = _load_for_split(
-            checkpoint, data_dir, split, batch_size, device, run_id
+            checkpoint, data_dir, split, batch_size, device, run_id, max_resident_bytes
         )
     except (KeyError, ValueError) as e:
         if isinstance(e, EvaluationError):
@@ -182,7 +184,13 @@ def evaluate_checkpoint(
 
 
 def _load_for_split(
-    checkpoint: Path, data_dir: Path, split: str, batch_size: int, device: torch.device, run_id: str | None
+    checkpoint: Path,
+    data_dir: Path,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    run_id: str | None,
+    max_resident_bytes: int | None,
 ) -> tuple[ResNet, dict[str, Any], list[str], np.ndarray, Any, str]:
     """The checkpoint's model (checked against the data and the run) and a loader over the split, as in training."""
     from resnet.data.store import load_meta, load_split
@@ -204,9 +212,8 @@ def _load_for_split(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The checkpoint's statistics, not recomputed ones: exactly what the model saw in training.
-    loader = DeviceLoader(
-        images, labels, batch_size, mean=ckpt["mean"], std=ckpt["std"], device=device, channels_last=channels_last
-    )
+    norm = {"mean": ckpt["mean"], "std": ckpt["std"], "channels_last": channels_last}
+    loader = DeviceLoader(images, labels, batch_size, device=device, max_resident_bytes=max_resident_bytes, **norm)
     return model, ckpt, classes, images, loader, precision
 
 
