@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from resnet import paths, tracking
 from resnet.checkpoint import load_checkpoint
 from resnet.config import ConfigError, Params
@@ -45,7 +47,7 @@ def run(params: Params) -> None:
         # Register exactly the checkpoint the evaluate stage measured, if it belongs to run.json's run.
         checkpoint = Path(test["test_checkpoint"])
         check_belongs_to_run(checkpoint, load_checkpoint(checkpoint), mlrun.run_id)
-        example, _ = load_split(paths.PREPARED, "test")
+        example = np.array(load_split(paths.PREPARED, "test")[0][:16])  # a copy of 16, not the mapped split
         # The portable export first: a checkpoint onnxruntime cannot reproduce is not registered.
         onnx = export_onnx(checkpoint, paths.ONNX_MODEL, check_images=example[:16])
         mlrun.log_artifacts([paths.ONNX_MODEL], artifact_path="onnx")

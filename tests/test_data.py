@@ -551,6 +551,11 @@ def test_split_writer_and_load_split_agree_with_numpy(tmp_path):
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     with pytest.raises(ValueError, match="does not fit"), SplitWriter(tmp_path / "c.npz", 2, (5, 6, 3)) as w:
         w.write(x[:3])
+    # Cut short (a copy interrupted): refused, naming the file and the fix; nothing mapped past its end.
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "train.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:3000])
+    with pytest.raises(DataError, match=r"train\.npz is unreadable or incomplete .*dvc repro -f split"):
+        load_split(tmp_path / "cut", "train")
     (tmp_path / "z").mkdir()
     np.savez_compressed(tmp_path / "z" / "val.npz", images=x, labels=y)  # nothing to map: read whole
     got_x, got_y = load_split(tmp_path / "z", "val")

@@ -122,6 +122,21 @@ def test_device_loader_on_gpu_matches_cpu_without_augmentation() -> None:
         assert torch.equal(yg.cpu(), yc)
 
 
+def test_a_streamed_split_on_the_gpu_gives_the_resident_batches(tmp_path: Path) -> None:
+    """Read from the mapped file into pinned memory, copied without blocking: the same batches as resident."""
+    from resnet.data.store import load_split, save_npz
+
+    images, labels = quadrant_task(256, 16)
+    save_npz(tmp_path / "train.npz", images=images, labels=labels)
+    x, y = load_split(tmp_path, "train")
+    aug = AugmentParams(crop_padding=0, flip=True, cutout=4, resized_crop_scale=0.3)
+    kw = {"mean": [0.5] * 3, "std": [0.25] * 3, "device": "cuda", "train": True, "augment": aug, "seed": 1}
+    resident, streamed = DeviceLoader(x, y, 64, **kw), DeviceLoader(x, y, 64, max_resident_bytes=0, **kw)
+    assert streamed.streamed and not resident.streamed
+    for (xa, ya), (xb, yb) in zip(resident, streamed, strict=True):
+        assert xb.is_cuda and torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def test_device_loader_augments_on_the_gpu() -> None:
     images, labels = quadrant_task(256, 16)
     aug = AugmentParams(crop_padding=2, flip=True, cutout=4, resized_crop_scale=0.0)

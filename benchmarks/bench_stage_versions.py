@@ -1,0 +1,130 @@
+"""Two versions of the pipeline's code, the same stages on the same data, timed side by side.
+
+Did a change make a stage slower? This runs ``python <checkout>/stages/<stage>.py`` for
+each checkout (``--checkout NAME=PATH``, PATH a clone or ``git worktree`` of this
+repository at the version to time) in one workspace whose ``data/prepared`` is given,
+rounds interleaved and the order alternating, each run starting from no models and no
+MLflow store (so training never resumes). The package comes from each checkout's
+``src`` (PYTHONPATH before the installed one). Reports the median wall time of each
+stage per checkout, and the peak resident memory (``wait4``'s ``ru_maxrss``).
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/bench_stage_versions.py --checkout before=/tmp/before --checkout after=. \\
+        --prepared data/prepared --set train.epochs=1 --rounds 3
+
+Writes benchmarks/results/stage-versions-<date>.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from bench_loader import RESULTS, machine_info
+
+from resnet.recipes import parse_sets
+from resnet.runtime import cpu_summary
+
+FRESH = ("models", "metrics", "plots", "mlflow.db", "mlartifacts")
+
+
+def checkout_params(checkout: Path, sets: list[str]) -> str:
+    """The checkout's own params.yaml (each version knows its own keys) with the overrides."""
+    params = yaml.safe_load((checkout / "params.yaml").read_text())
+    for key, value in parse_sets(sets).items():
+        *parents, leaf = key.split(".")
+        section = params
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def run_once(checkout: Path, stages: list[str], ws: Path, params: str) -> dict[str, dict[str, float]]:
+    """The stages in order, from a clean workspace; wall seconds and peak RSS (MB) of each."""
+    (ws / "params.yaml").write_text(params)
+    for name in FRESH:
+        path = ws / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(checkout.resolve() / "src"))
+    out = {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, str(checkout / "stages" / f"{stage}.py")],
+            cwd=ws,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{checkout}: stage {stage} failed:\n{proc.stderr.read()[-3000:]}")
+        out[stage] = {"seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkout", action="append", required=True, help="NAME=PATH, two or more")
+    ap.add_argument("--prepared", type=Path, required=True, help="a split stage's output folder")
+    ap.add_argument("--stages", default="train,evaluate")
+    ap.add_argument("--set", nargs="*", default=[], help="params.yaml overrides, key=value")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/stage-versions"))
+    args = ap.parse_args()
+    checkouts = dict(c.split("=", 1) for c in args.checkout)
+    stages = args.stages.split(",")
+    ws = args.workdir
+    shutil.rmtree(ws, ignore_errors=True)
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "prepared").symlink_to(args.prepared.resolve())
+    params = {name: checkout_params(Path(path), args.set) for name, path in checkouts.items()}
+    machine = machine_info(torch.device("cpu"))
+    print(json.dumps(machine), cpu_summary(), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in checkouts}
+    for r in range(args.rounds):
+        order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
+        for name in order:
+            runs[name].append(run_once(Path(checkouts[name]), stages, ws, params[name]))
+            print(f"round {r + 1} {name}: {json.dumps(runs[name][-1])}", flush=True)
+    date = dt.date.today().isoformat()
+    lines = [
+        f"# Stage wall time, {' vs '.join(checkouts)}, {date}",
+        "",
+        f"- Command: `python {' '.join(sys.argv)}`",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, flags {cpu_summary()['cpu.flags']}",
+        f"- torch {machine['torch']}, Python {machine['python']}",
+        f"- Load average at start {machine['load_average_at_start']}, at end {[round(v, 2) for v in os.getloadavg()]}",
+        f"- Overrides: {args.set}; {args.rounds} rounds, interleaved, order alternating",
+        "",
+        "| checkout | stage | median wall, s | rounds, s | peak RSS, MB (max) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, path in checkouts.items():
+        for stage in stages:
+            secs = [run[stage]["seconds"] for run in runs[name]]
+            rss = max(run[stage]["peak_rss_mb"] for run in runs[name])
+            lines.append(f"| {name} ({path}) | {stage} | {statistics.median(secs):.1f} | {secs} | {rss} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"stage-versions-{date}.md").write_text(text)
+    (RESULTS / f"stage-versions-{date}.json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
