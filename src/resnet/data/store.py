@@ -55,12 +55,11 @@ class SplitWriter:
 
     def __init__(self, path: str | Path, n: int, image_shape: tuple[int, ...]) -> None:
         self.path, self.n, self.shape, self.written = Path(path), n, tuple(image_shape), 0
-        self._errors = naming_write_errors(self.path)
-        self._errors.__enter__()
-        self._zf = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._member: IO[bytes] | None = _zip_member(self._zf, "images")
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
-        np.lib.format.write_array_header_1_0(self._member, {**header, "shape": (n, *self.shape)})
+        with naming_write_errors(self.path):  # a full disk names the file, whichever call meets it
+            self._zf = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+            self._member: IO[bytes] | None = _zip_member(self._zf, "images")
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(self._member, {**header, "shape": (n, *self.shape)})
 
     def __enter__(self) -> SplitWriter:
         return self
@@ -71,7 +70,8 @@ class SplitWriter:
             left = self.n - self.written
             raise ValueError(f"chunk {chunk.dtype} {chunk.shape} does not fit {left} more {self.shape}")
         assert self._member is not None, "write after finish"
-        self._member.write(np.ascontiguousarray(chunk).data)
+        with naming_write_errors(self.path):
+            self._member.write(np.ascontiguousarray(chunk).data)
         self.written += len(chunk)
 
     def finish(self, labels: np.ndarray) -> None:
@@ -79,18 +79,19 @@ class SplitWriter:
         if self.written != self.n or len(labels) != self.n:
             raise ValueError(f"{self.written} images and {len(labels)} labels written, {self.n} expected")
         assert self._member is not None, "finish twice"
-        self._member.close()
-        self._member = None
-        with _zip_member(self._zf, "labels") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
+        with naming_write_errors(self.path):
+            self._member.close()
+            self._member = None
+            with _zip_member(self._zf, "labels") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            if self._member is not None:
-                self._member.close()
-            self._zf.close()
-        finally:
-            self._errors.__exit__(*exc)
+        with naming_write_errors(self.path):
+            try:
+                if self._member is not None:
+                    self._member.close()
+            finally:
+                self._zf.close()
 
 
 def _read_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
