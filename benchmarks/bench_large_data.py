@@ -11,7 +11,8 @@ resident memory (``VmRSS``, of which ``RssFile`` are mapped file pages) every se
    the train split streamed from disk (data.max_resident_mb below its size);
 3. optionally (``--full-width-minutes M``) the train stage with the full-width model,
    stopped after M minutes with SIGTERM (as Ctrl-C): a full-width epoch of ResNet-18 at
-   224 px takes about two hours on a 2-core CPU, minutes on a GPU.
+   224 px takes about two hours on a 2-core CPU, minutes on a GPU (there,
+   ``--device cuda --width 1`` makes the one-epoch run the full-width one).
 
 DVC is not used to run them: it would copy the 9 GB of prepared data into its cache,
 which the figures are not about. Run from the repository root, nothing else heavy running:
@@ -96,7 +97,7 @@ def run_stage(stage: str, ws: Path, log_dir: Path, stop_after: float | None = No
     return result
 
 
-def workspace(ws: Path, archive: Path, size: int, model: str, width: float, batch: int) -> None:
+def workspace(ws: Path, archive: Path, size: int, model: str, width: float, batch: int, device: str) -> None:
     """A pipeline workspace: the repository's params.yaml with this run's values; MLflow in ws."""
     ws.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -106,7 +107,7 @@ def workspace(ws: Path, archive: Path, size: int, model: str, width: float, batc
     m.update(block=None, layers=[], widths=[], shortcut="B", zero_init_residual=False)
     t.update(epochs=1, batch_size=batch, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4)
     t.update(schedule="constant", milestones=[], warmup_epochs=0, label_smoothing=0.0, eval_every=1)
-    t.update(channels_last=False, compile=False, device="cpu", num_threads=0, precision="auto")
+    t.update(channels_last=False, compile=False, device=device, num_threads=0, precision="auto")
     t["augment"].update(crop_padding=0, flip=True, cutout=0, resized_crop_scale=0.35)
     t["ema"].update(decay=0.0, lookahead=False)
     params["validate"]["batch_size"] = params["evaluate"]["batch_size"] = 100
@@ -150,6 +151,7 @@ def main() -> int:
     ap.add_argument("--width", type=float, default=0.25, help="width multiplier of the one-epoch run")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--full-width-minutes", type=float, default=0.0, help="0 = skip the full-width train stage")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="train.device")
     args = ap.parse_args()
     date = dt.date.today().isoformat()
     out = RESULTS / f"large-data-{args.image_size}-{date}"
@@ -166,7 +168,7 @@ def main() -> int:
     }
     ws = args.workdir / "epoch"
     shutil.rmtree(ws, ignore_errors=True)
-    workspace(ws, args.archive, args.image_size, args.model, args.width, args.batch_size)
+    workspace(ws, args.archive, args.image_size, args.model, args.width, args.batch_size, args.device)
     stages = [run_stage(s, ws, out) for s in ("download", "split")]
     prepared = ws / "data" / "prepared"
     results["prepared_mb"] = round(sum(f.stat().st_size for f in prepared.iterdir()) / 2**20)
@@ -181,7 +183,7 @@ def main() -> int:
     if args.full_width_minutes > 0:
         full = args.workdir / "full"
         shutil.rmtree(full, ignore_errors=True)
-        workspace(full, args.archive, args.image_size, args.model, 1.0, args.batch_size)
+        workspace(full, args.archive, args.image_size, args.model, 1.0, args.batch_size, args.device)
         (full / "data").mkdir()
         (full / "data" / "prepared").symlink_to(prepared)  # the same prepared splits
         (full / "data" / "raw").symlink_to(ws / "data" / "raw")
