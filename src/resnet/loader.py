@@ -258,26 +258,33 @@ class DeviceLoader:
             return
         gen = self._generator()
         order = torch.randperm(n, generator=gen)
+        on_device = order.to(self.device)  # once per epoch: a copy per batch would wait for the GPU each time
         g, b = min(self.global_batch, n), self.batch_size
         # The global batch's draws come first, then this process's micro-batches, as they always did.
         plan = []
         for step in range(self.steps):
-            batch = order[step * g : (step + 1) * g]
+            start = step * g
+            batch = order[start : start + g]
             draws = _Draws.draw(len(batch), self._shape, self.augment, gen) if self.augment is not None else None
             if draws is not None and self.augment.flip == "alternate":
                 draws.flip = self._alternate_flips(batch)
             for micro in range(self.accumulation):
                 lo = (micro * self.world_size + self.rank) * b
                 hi = min(lo + b, len(batch))
-                plan.append((batch[lo:hi], draws.part(lo, hi, self.device) if draws is not None else None))
-        for (idx, part), x in zip(plan, self._gather([idx for idx, _ in plan]), strict=True):
-            yield self._finish(x.float(), part), self.labels[idx.to(self.device)]
+                part = draws.part(lo, hi, self.device) if draws is not None else None
+                plan.append((slice(start + lo, start + hi), part))
+        picks = [(order[sl], on_device[sl]) for sl, _ in plan]
+        for (sl, part), x in zip(plan, self._gather(picks), strict=True):
+            yield self._finish(x.float(), part), self.labels[on_device[sl]]
 
-    def _gather(self, batches: Sequence[slice | Tensor]) -> Iterable[Tensor]:
-        """Each batch's uint8 NCHW images on the device, in order (streamed: read one batch ahead)."""
+    def _gather(self, batches: Sequence[slice | tuple[Tensor, Tensor]]) -> Iterable[Tensor]:
+        """Each batch's uint8 NCHW images on the device, in order (streamed: read one batch ahead).
+
+        A batch is a slice of the split, or its indices on the CPU and on the device.
+        """
         if not self.streamed:
-            for idx in batches:
-                yield self.images[idx] if isinstance(idx, slice) else self.images.index_select(0, idx.to(self.device))
+            for pick in batches:
+                yield self.images[pick] if isinstance(pick, slice) else self.images.index_select(0, pick[1])
             return
         with ThreadPoolExecutor(1, thread_name_prefix="loader") as reader:
             ahead = reader.submit(self._read, batches[0]) if batches else None
@@ -286,9 +293,9 @@ class DeviceLoader:
                 ahead = reader.submit(self._read, batches[i + 1]) if i + 1 < len(batches) else None
                 yield _to_device(rows, self.device)
 
-    def _read(self, idx: slice | Tensor) -> Tensor:
+    def _read(self, pick: slice | tuple[Tensor, Tensor]) -> Tensor:
         """One batch's (N, H, W, C) rows from the streamed source, in memory (pinned for a GPU)."""
-        rows = np.array(self._source[idx]) if isinstance(idx, slice) else self._source[idx.numpy()]
+        rows = np.array(self._source[pick]) if isinstance(pick, slice) else self._source[pick[0].numpy()]
         # The pages read stay resident until dropped; the kernel's page cache keeps them anyway.
         release_pages(self._source)
         rows = torch.from_numpy(rows)
