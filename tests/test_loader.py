@@ -278,12 +278,14 @@ def test_streaming_a_split_does_not_keep_it_resident(tmp_path):
     """Pages of a mapped split count as resident until dropped: the loader drops them batch by batch."""
     x, y = _mapped_split(tmp_path, n=1200, size=96)  # 33 MB
     loader = DeviceLoader(x, y, 50, mean=[0.5] * 3, std=[0.25] * 3, train=True, augment=NO_AUG, max_resident_bytes=0)
+    for _ in DeviceLoader(x[:100].copy(), y[:100], 50, mean=[0.5] * 3, std=[0.25] * 3, train=True, augment=NO_AUG):
+        pass  # torch's code for these steps paged in first: its pages count as file-backed too
     before = _rss_file_kb()
     peak = 0
     for _ in loader:
         peak = max(peak, _rss_file_kb() - before)
     assert peak < 8 * 1024, f"{peak} kB of the 33 MB split stayed resident"
-    assert np.array(x[::7]).sum() > 0 and _rss_file_kb() - before > 4 * 1024  # reading without dropping does count
+    assert np.array(x).sum() > 0 and _rss_file_kb() - before > 24 * 1024  # reading without dropping does count
     release_pages(x)
     assert _rss_file_kb() - before < 4 * 1024
 
