@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from resnet.data import tar_reader
 from resnet.data.errors import AGAIN_HINT, FORMATS_HINT, DataError, corrupt
@@ -29,6 +30,8 @@ from resnet.data.errors import AGAIN_HINT, FORMATS_HINT, DataError, corrupt
 __all__ = ["Entry", "check_member_name", "iter_archive", "iter_directory", "resolve_links"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -87,8 +90,8 @@ def _special_file(archive: Path, name: str, what: str) -> DataError:
     )
 
 
-def resolve_links(files: dict[str, bytes | None], links: dict[str, str], where: Path) -> None:
-    """Turn in-archive links into copies of their targets' bytes (chains allowed, no cycles)."""
+def resolve_links(files: dict[str, T], links: dict[str, str], where: Path) -> None:
+    """Point in-archive links at their targets' entries: bytes, or where they are (chains allowed, no cycles)."""
     for name in list(links):
         target, seen = links[name], {name}
         while target in links and target not in seen:

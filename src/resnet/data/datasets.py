@@ -12,6 +12,7 @@ import io
 import logging
 import pickle
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from resnet.config import CIFAR10_URL, CIFAR100_URL
-from resnet.data.archives import iter_archive, iter_directory, resolve_links
+from resnet.data.archives import iter_archive
 from resnet.data.decode import decode_images
+from resnet.data.encoded import EncodedFiles
 from resnet.data.errors import DataError
 
 __all__ = [
@@ -181,38 +183,19 @@ def _class_of(name: str, prefix: str) -> str:
     return name[len(prefix) :].split("/")[1]
 
 
-def _read_files(path: Path) -> tuple[dict[str, bytes | None], list[str]]:
-    """Every file of an archive or directory by name (links replaced by their targets' bytes), and its folders.
-
-    The folders (names ending in "/") are what shows an empty class folder.
-    """
-    entries = iter_directory(path, folders=True) if path.is_dir() else iter_archive(path, folders=True)
-    blobs: dict[str, bytes | None] = {}
-    links: dict[str, str] = {}
-    folders: list[str] = []
-    for e in entries:
-        if e.kind == "link":
-            links[e.name] = e.target or ""
-        elif e.kind == "dir":
-            folders.append(e.name)
-        else:
-            blobs[e.name] = e.data
-    resolve_links(blobs, links, path)
-    return blobs, folders
-
-
 @dataclass
 class ImageFolder:
-    """An image folder's files, read but not decoded: names and labels per split, and the encoded bytes.
+    """An image folder's files, indexed but not decoded: names and labels per split, and the encoded files.
 
     Names are in sorted path order, so a tar, a zip and a folder of the same images
     give the same arrays; classes are the train folder names sorted (label = index, as
     torchvision's ImageFolder). Decoding is left to :meth:`decode`, a chunk of images
-    at a time if need be: the decoded pixels can be far larger than the files.
+    at a time if need be: the decoded pixels can be far larger than the files, which
+    stay on disk too (:class:`~resnet.data.encoded.EncodedFiles`).
     """
 
     path: Path
-    blobs: dict[str, bytes | None]
+    blobs: Mapping[str, bytes]
     names: dict[str, list[str]]
     labels: dict[str, np.ndarray]
     classes: list[str]
@@ -234,8 +217,8 @@ class ImageFolder:
 def index_imagefolder(path: str | Path) -> ImageFolder:
     """Read ``<split>/<class>/<image>`` (train, optional test) from an archive or directory, without decoding."""
     path = Path(path)
-    blobs, folders = _read_files(path)
-    prefix, layout = imagefolder_layout([*blobs, *folders], path)
+    blobs = EncodedFiles(path)
+    prefix, layout = imagefolder_layout([*blobs, *blobs.folders], path)
     classes = sorted({_class_of(n, prefix) for n in layout["train"]})
     index = {c: i for i, c in enumerate(classes)}
     extra = sorted({_class_of(n, prefix) for n in layout.get("test", [])} - set(classes))

@@ -10,6 +10,7 @@ any other file goes to :func:`resnet.preprocess.decode`, which refuses what is o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 
 def decode_images(
     names: list[str],
-    blobs: dict[str, bytes | None],
+    blobs: Mapping[str, bytes | None],
     where: Path,
     image_size: int | None,
     channels: int,

@@ -105,7 +105,7 @@ class _Pool:
     """The train pool (train + val to be) and the test split, with class names.
 
     Images stay as they were read: CIFAR's small 32x32 arrays, or an image folder's
-    encoded files; a split is an index into them, so selecting copies no pixels, and
+    encoded files, on disk; a split is an index into them, so selecting copies no pixels, and
     each is brought to the model's pixels (:func:`_pixels`) only as it is written.
     """
 
