@@ -49,6 +49,19 @@ REPO = Path(__file__).resolve().parents[1]
 LIMIT_MB = 3 * 1024  # the goal: at most 3 GB resident in any stage
 
 
+STAGES = ("download", "split", "train", "validate", "evaluate", "register")
+
+
+def fresh_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``... if taken: a run never overwrites an earlier record."""
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    out.mkdir(parents=True)
+    return out
+
+
 def _status(pid: int) -> dict[str, int]:
     """VmRSS, RssAnon and RssFile of a process, in kB (empty once it is gone)."""
     try:
@@ -137,8 +150,10 @@ def report(results: dict[str, Any]) -> str:
                 f"| {run['name']} | {r['stage']}{stop} | {r['exit']} | {r['wall_s']} | {r['peak_rss_mb']} | "
                 f"{r['peak_sampled_rss_file_mb']} | {'yes' if r['peak_rss_mb'] <= LIMIT_MB else 'NO'} |"
             )
-    lines += ["", "Metrics of the one-epoch run (its model is not the point):", "", "```"]
-    lines += [json.dumps(results.get("metrics", {}), indent=1), "```", ""]
+    if results.get("metrics"):
+        lines += ["", "Metrics of the one-epoch run (its model is not the point):", "", "```"]
+        lines += [json.dumps(results["metrics"], indent=1), "```"]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -152,10 +167,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--full-width-minutes", type=float, default=0.0, help="0 = skip the full-width train stage")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="train.device")
+    ap.add_argument(
+        "--last-stage", default="register", choices=STAGES[1:], help="stop the one-epoch run after this stage"
+    )
     args = ap.parse_args()
     date = dt.date.today().isoformat()
-    out = RESULTS / f"large-data-{args.image_size}-{date}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_dir(RESULTS / f"large-data-{args.image_size}-{date}")
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
     results: dict[str, Any] = {
         "date": date,
@@ -169,12 +186,13 @@ def main() -> int:
     ws = args.workdir / "epoch"
     shutil.rmtree(ws, ignore_errors=True)
     workspace(ws, args.archive, args.image_size, args.model, args.width, args.batch_size, args.device)
-    stages = [run_stage(s, ws, out) for s in ("download", "split")]
+    run = STAGES[: STAGES.index(args.last_stage) + 1]
+    stages = [run_stage(s, ws, out) for s in run[:2]]
     prepared = ws / "data" / "prepared"
     results["prepared_mb"] = round(sum(f.stat().st_size for f in prepared.iterdir()) / 2**20)
     results["train_mb"] = round((prepared / "train.npz").stat().st_size / 2**20)
     results["max_resident_mb"] = yaml.safe_load((ws / "params.yaml").read_text())["data"]["max_resident_mb"]
-    for s in ("train", "validate", "evaluate", "register"):
+    for s in run[2:]:
         stages.append(run_stage(s, ws, out))
         if stages[-1]["exit"] != 0:
             break
