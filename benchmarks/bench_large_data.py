@@ -196,7 +196,8 @@ def main() -> int:
         stages.append(run_stage(s, ws, out))
         if stages[-1]["exit"] != 0:
             break
-    results["runs"].append({"name": f"one epoch, {args.model} x{args.width}", "stages": stages})
+    name = f"one epoch, {args.model} x{args.width}" if "train" in run else "data stages"
+    results["runs"].append({"name": name, "stages": stages})
     results["metrics"] = {f.name: json.loads(f.read_text()) for f in sorted((ws / "metrics").glob("*.json"))}
     if args.full_width_minutes > 0:
         full = args.workdir / "full"

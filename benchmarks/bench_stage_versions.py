@@ -12,6 +12,9 @@ stage per checkout, and the peak resident memory (``wait4``'s ``ru_maxrss``).
     python benchmarks/bench_stage_versions.py --checkout before=/tmp/before --checkout after=. \\
         --prepared data/prepared --set train.epochs=1 --rounds 3
 
+``--stages split --raw data/raw`` times the split stage instead (from a download stage's
+output) and checks that every run wrote the same files.
+
 Writes benchmarks/results/stage-versions-<date>.md (and .json).
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +55,23 @@ def checkout_params(checkout: Path, sets: list[str]) -> str:
     return yaml.safe_dump(params, sort_keys=False)
 
 
+def _describe(checkout: Path) -> str:
+    """The checkout's commit (``-dirty`` when its files differ from it)."""
+    cmd = ["git", "-C", str(checkout), "describe", "--always", "--dirty"]
+    return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or "not a git checkout"
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of a folder's files, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
 def run_once(checkout: Path, stages: list[str], ws: Path, params: str) -> dict[str, dict[str, float]]:
     """The stages in order, from a clean workspace; wall seconds and peak RSS (MB) of each."""
     (ws / "params.yaml").write_text(params)
@@ -80,26 +101,35 @@ def run_once(checkout: Path, stages: list[str], ws: Path, params: str) -> dict[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkout", action="append", required=True, help="NAME=PATH, two or more")
-    ap.add_argument("--prepared", type=Path, required=True, help="a split stage's output folder")
+    ap.add_argument("--prepared", type=Path, help="a split stage's output folder (stages after split)")
+    ap.add_argument("--raw", type=Path, help="a download stage's output folder (to time split itself)")
     ap.add_argument("--stages", default="train,evaluate")
     ap.add_argument("--set", nargs="*", default=[], help="params.yaml overrides, key=value")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/stage-versions"))
     args = ap.parse_args()
-    checkouts = dict(c.split("=", 1) for c in args.checkout)
+    checkouts = {name: str(Path(path).resolve()) for name, path in (c.split("=", 1) for c in args.checkout)}
     stages = args.stages.split(",")
     ws = args.workdir
     shutil.rmtree(ws, ignore_errors=True)
     (ws / "data").mkdir(parents=True)
-    (ws / "data" / "prepared").symlink_to(args.prepared.resolve())
+    given = {"raw": args.raw, "prepared": None if "split" in stages else args.prepared}
+    for folder, path in given.items():
+        if path is not None:
+            (ws / "data" / folder).symlink_to(path.resolve())
+    if "split" in stages and args.raw is None or "split" not in stages and args.prepared is None:
+        ap.error("give --raw to time the split stage, --prepared for the stages after it")
     params = {name: checkout_params(Path(path), args.set) for name, path in checkouts.items()}
     machine = machine_info(torch.device("cpu"))
+    commits = {name: _describe(Path(path)) for name, path in checkouts.items()}
     print(json.dumps(machine), cpu_summary(), flush=True)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in checkouts}
     for r in range(args.rounds):
         order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
         for name in order:
             runs[name].append(run_once(Path(checkouts[name]), stages, ws, params[name]))
+            if "split" in stages:  # the same files, or the change is not only about speed
+                runs[name][-1]["prepared_sha256"] = folder_digest(ws / "data" / "prepared")
             print(f"round {r + 1} {name}: {json.dumps(runs[name][-1])}", flush=True)
     date = dt.date.today().isoformat()
     lines = [
@@ -118,10 +148,21 @@ def main() -> int:
         for stage in stages:
             secs = [run[stage]["seconds"] for run in runs[name]]
             rss = max(run[stage]["peak_rss_mb"] for run in runs[name])
-            lines.append(f"| {name} ({path}) | {stage} | {statistics.median(secs):.1f} | {secs} | {rss} |")
+            median = statistics.median(secs)
+            lines.append(f"| {name} ({path}, {commits[name]}) | {stage} | {median:.1f} | {secs} | {rss} |")
+    digests = {run["prepared_sha256"] for name in checkouts for run in runs[name] if "prepared_sha256" in run}
+    if digests:
+        lines += [
+            "",
+            f"Prepared files (sha256 of all of them) {'identical in every run' if len(digests) == 1 else 'DIFFER'}.",
+        ]
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"stage-versions-{date}.md").write_text(text)
-    (RESULTS / f"stage-versions-{date}.json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
+    stem, n = f"stage-versions-{date}", 1
+    while (RESULTS / f"{stem}.md").exists():  # never overwrite an earlier record
+        n += 1
+        stem = f"stage-versions-{date}-{n}"
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
     print(text)
     return 0
 
