@@ -39,8 +39,8 @@ from resnet.config import load_params
 from resnet.data.store import load_meta, load_split
 from resnet.epoch import train_one_epoch
 from resnet.loader import DeviceLoader
+from resnet.parts import build_training
 from resnet.runtime import configure_torch, keep_freed_memory
-from resnet.training import build_training
 
 #: Model options per benchmarked name (resnet18 with the CIFAR stem, as for 32x32 images).
 MODELS = {"resnet20": {"name": "resnet20"}, "resnet18": {"name": "resnet18", "stem": "cifar"}}

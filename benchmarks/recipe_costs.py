@@ -1,7 +1,7 @@
 """What each named recipe costs to train here: multiply-adds per image and measured training speed.
 
 For every recipe in recipes/ (or those named), builds its model and optimizer exactly as
-the train stage does (resnet.training.build_training, the recipe's batch size, precision
+the train stage does (resnet.parts.build_training, the recipe's batch size, precision
 as train.precision resolves on this machine, channels_last as params.yaml has it), and
 trains a few batches of random images at the recipe's image size through
 resnet.epoch.train_one_epoch after a warm-up. The images per second, times the recipe's
@@ -33,9 +33,9 @@ from torch import nn
 from resnet.config import load_params, override
 from resnet.epoch import train_one_epoch
 from resnet.loader import DeviceLoader
+from resnet.parts import build_training
 from resnet.recipes import list_recipes, load_recipe, required_keys
 from resnet.runtime import configure_torch, cpu_summary, keep_freed_memory, resolve_precision
-from resnet.training import build_training
 
 CLASSES = 10
 

@@ -556,6 +556,14 @@ def test_split_writer_and_load_split_agree_with_numpy(tmp_path):
     (tmp_path / "cut" / "train.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:3000])
     with pytest.raises(DataError, match=r"train\.npz is unreadable or incomplete .*dvc repro -f split"):
         load_split(tmp_path / "cut", "train")
+    # One pixel changed on disk (bit rot, a stray write): the zip's CRC catches it, as np.load's did.
+    (tmp_path / "rot").mkdir()
+    data = bytearray((tmp_path / "a.npz").read_bytes())
+    at = data.index(x.tobytes()[:64]) + 1000
+    data[at] ^= 0x01
+    (tmp_path / "rot" / "train.npz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"images\.npy fails its CRC check.*dvc repro -f split"):
+        load_split(tmp_path / "rot", "train")
     (tmp_path / "z").mkdir()
     np.savez_compressed(tmp_path / "z" / "val.npz", images=x, labels=y)  # nothing to map: read whole
     got_x, got_y = load_split(tmp_path / "z", "val")

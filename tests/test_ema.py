@@ -33,8 +33,9 @@ from resnet.epoch import train_one_epoch
 from resnet.evaluation import evaluate
 from resnet.loader import DeviceLoader
 from resnet.optim import build_optimizer, build_scheduler
+from resnet.parts import create_model
 from resnet.resume import find_resume_checkpoint, fingerprint
-from resnet.training import create_model, fit
+from resnet.training import fit
 
 
 def recipe(**train: object) -> Params:

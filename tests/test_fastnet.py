@@ -18,7 +18,8 @@ from resnet.fastnet import ResNet9, init_whitening
 from resnet.loader import DeviceLoader
 from resnet.models import build_model, count_parameters
 from resnet.optim import build_optimizer, build_scheduler
-from resnet.training import create_model, fit
+from resnet.parts import create_model
+from resnet.training import fit
 
 RESNET9 = {"name": "resnet9", "width_multiplier": 0.125, "stem": None, "shortcut": "B"}
 

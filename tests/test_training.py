@@ -37,6 +37,7 @@ from resnet.config import ConfigError, Params, override
 from resnet.epoch import train_one_epoch
 from resnet.loader import DeviceLoader
 from resnet.optim import build_optimizer, build_scheduler
+from resnet.parts import create_model
 from resnet.resume import TrainState, find_resume_checkpoint, rng_state, set_rng_state
 from resnet.runtime import configure_torch, cpu_info, native_bf16, resolve_precision
 from resnet.split_evaluation import trained_with
@@ -44,7 +45,6 @@ from resnet.training import (
     HISTORY_FIELDS,
     EarlyStopping,
     TrainingError,
-    create_model,
     fit,
 )
 from resnet.utils import seed_everything

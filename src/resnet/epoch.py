@@ -85,16 +85,7 @@ def train_one_epoch(
         if not bar.disable and (step + 1) % POSTFIX_EVERY == 0:
             _show_progress(bar, tally, t0)
     bar.close()
-    loss_total, correct_total, seen_total = tally.totals()  # also syncs the device: honest timing
-    seconds = time.perf_counter() - t0
-    return {
-        "loss": loss_total / seen_total,
-        "accuracy": correct_total / seen_total,
-        "images": int(seen_total),
-        "seconds": seconds,
-        "images_per_sec": seen_total / seconds,
-        "lr": lr,
-    }
+    return {**tally.summary(t0), "lr": lr}
 
 
 class _Tally:
@@ -119,6 +110,18 @@ class _Tally:
             [self.loss_sum.double(), self.correct.double(), self.loss_sum.new_tensor(self.seen, dtype=torch.float64)]
         )
         return all_reduce_sum(stacked).tolist()
+
+    def summary(self, t0: float) -> dict[str, float]:
+        """The epoch's loss, accuracy, images, seconds since ``t0`` and images_per_sec, over every process."""
+        loss_total, correct_total, seen_total = self.totals()  # also syncs the device: honest timing
+        seconds = time.perf_counter() - t0
+        return {
+            "loss": loss_total / seen_total,
+            "accuracy": correct_total / seen_total,
+            "images": int(seen_total),
+            "seconds": seconds,
+            "images_per_sec": seen_total / seconds,
+        }
 
 
 def _show_progress(bar: tqdm, tally: _Tally, t0: float) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
@@ -132,7 +133,29 @@ def _member_mapped(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
         raise ValueError(f"bad local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return _mapped(path, info.header_offset + 30 + name_len + extra_len, info.file_size)
+    start = info.header_offset + 30 + name_len + extra_len
+    _check_crc(path, start, info)
+    return _mapped(path, start, info.file_size)
+
+
+def _check_crc(path: Path, start: int, info: zipfile.ZipInfo) -> None:
+    """The CRC-32 the zip records for a stored member, checked as np.load would (a mapping reads no CRC).
+
+    Read through a 16 MB buffer, not the mapping: nothing stays resident. About 4 GB/s of
+    CRC here, so a few seconds for the 6.5 GB train split at 224 px, milliseconds at 32 px.
+    """
+    crc, left = 0, info.file_size
+    buf = memoryview(bytearray(min(left, 16 * 2**20)))
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while left:
+            n = f.readinto(buf[: min(left, len(buf))])
+            if not n:
+                raise ValueError(f"{info.filename} is cut short ({left} bytes missing)")
+            crc = zlib.crc32(buf[:n], crc)
+            left -= n
+    if crc != info.CRC:
+        raise ValueError(f"{info.filename} fails its CRC check: the file changed after the split stage wrote it")
 
 
 def open_npy(path: str | Path) -> np.ndarray:
