@@ -10,15 +10,16 @@ resident memory (``VmRSS``, of which ``RssFile`` are mapped file pages) every se
 2. one epoch of ``--model`` at ``--width`` (train, then validate, evaluate, register),
    the train split streamed from disk (data.max_resident_mb below its size);
 3. optionally (``--full-width-minutes M``) the train stage with the full-width model,
-   stopped after M minutes with SIGTERM (as Ctrl-C): a full-width epoch of ResNet-18 at
-   224 px takes about two hours on a 2-core CPU, minutes on a GPU (there,
-   ``--device cuda --width 1`` makes the one-epoch run the full-width one).
+   stopped after M minutes with SIGTERM (as Ctrl-C), for machines where a whole
+   full-width epoch is too long (``--width 1`` runs it whole: 27 min on a 2-core CPU
+   with AVX-512 bf16, an estimated two hours in fp32 on an AVX2-only one; with
+   ``--device cuda`` on a GPU).
 
 DVC is not used to run them: it would copy the 9 GB of prepared data into its cache,
 which the figures are not about. Run from the repository root, nothing else heavy running:
 
     python benchmarks/bench_large_data.py --archive ../shared/datasets/cifar10-jpeg.tar.gz \\
-        --workdir /tmp/large --full-width-minutes 10
+        --workdir /tmp/large --width 1
 
 Prints and writes benchmarks/results/large-data-<size>-<date>/ (report.md, results.json,
 the stages' logs and memory traces).
