@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 import yaml
-from bench_loader import RESULTS, machine_info
+from bench_loader import RESULTS, git_describe, machine_info, unused_path
 
 from resnet.runtime import cpu_summary
 
@@ -51,16 +51,6 @@ LIMIT_MB = 3 * 1024  # the goal: at most 3 GB resident in any stage
 
 
 STAGES = ("download", "split", "train", "validate", "evaluate", "register")
-
-
-def fresh_dir(base: Path) -> Path:
-    """``base``, or ``base-2``, ``base-3``... if taken: a run never overwrites an earlier record."""
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    out.mkdir(parents=True)
-    return out
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -173,14 +163,14 @@ def main() -> int:
     )
     args = ap.parse_args()
     date = dt.date.today().isoformat()
-    out = fresh_dir(RESULTS / f"large-data-{args.image_size}-{date}")
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    out = unused_path(RESULTS, f"large-data-{args.image_size}-{date}")
+    out.mkdir(parents=True)
     results: dict[str, Any] = {
         "date": date,
         "command": "python " + " ".join(sys.argv),
         "machine": machine_info(torch.device("cpu")),
         "cpu_flags": cpu_summary(),
-        "git": git.stdout.strip(),
+        "git": git_describe(REPO),
         "image_size": args.image_size,
         "runs": [],
     }

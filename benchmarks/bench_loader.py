@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,21 @@ from resnet.data.store import load_meta, load_split
 from resnet.loader import DeviceLoader
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def unused_path(folder: Path, stem: str, suffix: str = "") -> Path:
+    """``folder/<stem><suffix>``, or ``<stem>-2<suffix>``, ``-3``... if taken: a run never overwrites a record."""
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
+
+
+def git_describe(checkout: Path) -> str:
+    """The checkout's commit (``-dirty`` when its files differ from it)."""
+    cmd = ["git", "-C", str(checkout), "describe", "--always", "--dirty"]
+    return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or "not a git checkout"
 
 
 class ArrayDataset(Dataset):

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import yaml
-from bench_loader import RESULTS, machine_info
+from bench_loader import RESULTS, git_describe, machine_info, unused_path
 
 from resnet.recipes import parse_sets
 from resnet.runtime import cpu_summary
@@ -53,12 +53,6 @@ def checkout_params(checkout: Path, sets: list[str]) -> str:
             section = section[p]
         section[leaf] = value
     return yaml.safe_dump(params, sort_keys=False)
-
-
-def _describe(checkout: Path) -> str:
-    """The checkout's commit (``-dirty`` when its files differ from it)."""
-    cmd = ["git", "-C", str(checkout), "describe", "--always", "--dirty"]
-    return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or "not a git checkout"
 
 
 def folder_digest(folder: Path) -> str:
@@ -121,7 +115,7 @@ def main() -> int:
         ap.error("give --raw to time the split stage, --prepared for the stages after it")
     params = {name: checkout_params(Path(path), args.set) for name, path in checkouts.items()}
     machine = machine_info(torch.device("cpu"))
-    commits = {name: _describe(Path(path)) for name, path in checkouts.items()}
+    commits = {name: git_describe(Path(path)) for name, path in checkouts.items()}
     print(json.dumps(machine), cpu_summary(), flush=True)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in checkouts}
     for r in range(args.rounds):
@@ -157,12 +151,9 @@ def main() -> int:
             f"Prepared files (sha256 of all of them) {'identical in every run' if len(digests) == 1 else 'DIFFER'}.",
         ]
     text = "\n".join(lines) + "\n"
-    stem, n = f"stage-versions-{date}", 1
-    while (RESULTS / f"{stem}.md").exists():  # never overwrite an earlier record
-        n += 1
-        stem = f"stage-versions-{date}-{n}"
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
+    report = unused_path(RESULTS, f"stage-versions-{date}", ".md")
+    report.write_text(text)
+    report.with_suffix(".json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
     print(text)
     return 0
 
